@@ -1,0 +1,28 @@
+"""Errors a user can cause, and the process exit codes that report them.
+
+A :class:`BnfoldError` is a mistake in the input or the invocation. The CLI prints it as one line
+(``bnfold: error: ...``) and exits with :data:`EXIT_USAGE`; it never shows a traceback unless asked.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # outputs differ, or `--verify` rejected a fold
+EXIT_USAGE = 2  # bad usage or bad input
+
+
+class BnfoldError(Exception):
+    """A user-facing error: one line saying what went wrong, and optionally how to fix it."""
+
+    def __init__(self, message: str, note: str | None = None, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.message = message
+        self.note = note
+        self.exit_code = exit_code
+
+    def one_line(self) -> str:
+        """The message as printed on stderr: what went wrong, then `Note:` how to fix it."""
+        text = " ".join(self.message.split())
+        if self.note:
+            text += f" Note: {' '.join(self.note.split())}"
+        return text

@@ -1,0 +1,6 @@
+"""Run bnfold from a checkout: ``python cli.py ...`` is the same as ``bnfold ...``."""
+import sys
+
+from bnfold.cli import main
+
+sys.exit(main())
