@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import EXIT_USAGE, BnfoldError
+from .errors import EXIT_OK, EXIT_USAGE, BnfoldError
 
 EXIT_INTERNAL = 3
 
@@ -19,25 +19,114 @@ def _add_fold_parser(sub) -> None:
     p = sub.add_parser("fold", help="fold BatchNormalization nodes into neighbouring linear ops",
                        description="Fold every BatchNormalization that can be folded exactly into its "
                                    "neighbouring Conv, ConvTranspose, Gemm or MatMul; leave the others "
-                                   "with a reason.")
+                                   "with a reason. The input file is never modified (unless --in-place).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="ONNX model file(s)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="OUT", help="output file (one INPUT only)")
+    where.add_argument("--out-dir", metavar="DIR", help="write each folded model under DIR, same file name")
+    where.add_argument("--in-place", action="store_true", help="replace each INPUT atomically")
+    p.add_argument("--dry-run", action="store_true", help="report what would be folded, write nothing")
+    p.add_argument("--report", metavar="FILE.json", help="write the fold report(s) as JSON")
+    p.add_argument("--json", action="store_true", help="print the report(s) as one JSON document")
+    p.add_argument("--exclude-node", action="append", default=[], metavar="NAME",
+                   help="leave this BatchNormalization node as it is (repeatable)")
+    p.add_argument("--external-data", action="store_true",
+                   help="store weights in OUT.data next to the output (automatic above 2 GB)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="fold N files in parallel")
     p.set_defaults(func=cmd_fold)
 
 
 def cmd_fold(args) -> int:
-    raise BnfoldError("fold: not implemented yet")
+    from .foldcmd import FoldJob, run_fold_jobs
+    jobs = [FoldJob(path, _fold_target(args, path), tuple(args.exclude_node), args.dry_run, args.external_data)
+            for path in args.inputs]
+    reports = run_fold_jobs(jobs, args.jobs)
+    _emit_fold_reports(args, reports)
+    return EXIT_OK
+
+
+def _fold_target(args, path: str) -> str | None:
+    """Where a folded model goes; refuse anything that would overwrite an input by accident."""
+    import os
+    if args.dry_run:
+        return None
+    if args.in_place:
+        return path
+    if args.output:
+        if len(args.inputs) != 1:
+            raise BnfoldError("-o takes one INPUT", note="use --out-dir DIR for several inputs")
+        target = args.output
+    elif args.out_dir:
+        if not os.path.isdir(args.out_dir):
+            raise BnfoldError(f"{args.out_dir}: output folder does not exist")
+        target = os.path.join(args.out_dir, os.path.basename(path))
+    else:
+        raise BnfoldError("no output given", note="use -o OUT, --out-dir DIR, --in-place or --dry-run")
+    if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
+        raise BnfoldError(f"{target}: output is the input file", note="use --in-place to replace it")
+    return target
+
+
+def _emit_fold_reports(args, reports) -> None:
+    import json
+    document = reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}
+    if args.report:
+        _write_text_atomic(args.report, json.dumps(document, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return
+    from .report import summary_table
+    console = _console()
+    for report in reports:
+        verb = "would fold" if args.dry_run else "folded"
+        console.print(summary_table(report, f"{report.model}: {verb} {report.folded} of {report.total} "
+                                            "BatchNormalization"))
 
 
 # ------------------------------------------------------------------------------------------- inspect
 def _add_inspect_parser(sub) -> None:
-    p = sub.add_parser("inspect", help="show each BatchNormalization and what fold would do with it")
+    p = sub.add_parser("inspect", help="show each BatchNormalization and what fold would do with it",
+                       description="List every BatchNormalization node, its neighbour, and the decision "
+                                   "fold would make with its reason. Writes nothing.")
     p.add_argument("input", metavar="INPUT")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--exclude-node", action="append", default=[], metavar="NAME")
     p.set_defaults(func=cmd_inspect)
 
 
 def cmd_inspect(args) -> int:
-    raise BnfoldError("inspect: not implemented yet")
+    import json
+    from .fold import fold_file
+    from .report import decisions_table, summary_table
+    report = fold_file(args.input, None, exclude_nodes=args.exclude_node, dry_run=True)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    console = _console()
+    console.print(decisions_table(report, f"{args.input}: {report.total} BatchNormalization"))
+    console.print(summary_table(report, "if folded"))
+    return EXIT_OK
+
+
+def _console():
+    from rich.console import Console
+    return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    import os
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise BnfoldError(f"{path}: folder {folder} does not exist")
+    handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
 
 
 # -------------------------------------------------------------------------------------------- verify
@@ -54,14 +143,24 @@ def cmd_verify(args) -> int:
 
 # --------------------------------------------------------------------------------------------- bench
 def _add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="measure session creation and latency of two models, A/B interleaved")
-    p.add_argument("baseline", metavar="BASELINE")
-    p.add_argument("candidate", metavar="CANDIDATE")
+    from .bench import add_bench_arguments
+    p = sub.add_parser("bench", help="measure session creation and latency of two models, A/B interleaved",
+                       description="Time session creation and inference of BASELINE and CANDIDATE with "
+                                   "onnxruntime at each optimization level, in interleaved pairs, on the "
+                                   "same seeded inputs; report medians, p10/p90, the speedup with a "
+                                   "paired-bootstrap interval, and a verdict.")
+    p.add_argument("baseline", metavar="BASELINE", help="the reference model, e.g. the original")
+    p.add_argument("candidate", metavar="CANDIDATE", help="the model to compare, e.g. the folded one")
+    add_bench_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
-    raise BnfoldError("bench: not implemented yet")
+    from .bench import options_from_args, run_bench
+    from .errors import EXIT_OK
+    run_bench(args.baseline, args.candidate, options_from_args(args), as_json=args.json)
+    return EXIT_OK
 
 
 # -------------------------------------------------------------------------------------------- export

@@ -1,0 +1,168 @@
+"""The fold driver: visit every BatchNormalization (subgraphs too), try the rules in order, report.
+
+For each BN the first rule whose check passes rewrites the graph; if every matching rule refuses, the
+BN stays with the first refusal's reason. Leftovers of the folds (the BN parameters, the old weights,
+Identity/Constant nodes and constant expressions that only fed them) are removed afterwards; nothing
+else in the model changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Iterable
+
+import onnx
+
+from .graph import GraphIndex, ModelContext, node_inputs
+from .io import load_model, save_model
+from .report import FOLDED, Decision, FoldReport, op_counts
+from .rules import RULES
+from .rules.base import Refusal, bn_mode_refusal
+
+
+def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = ()) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold a copy of `model`; the caller's model is never changed."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    return work, fold_in_place(work, exclude_nodes=exclude_nodes)
+
+
+def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None, *,
+              exclude_nodes: Iterable[str] = (), dry_run: bool = False, external_data: bool = False) -> FoldReport:
+    """Load, fold and atomically save a model. With dry_run nothing is written."""
+    model = load_model(input_path)
+    report = fold_in_place(model, exclude_nodes=exclude_nodes)
+    report.model = str(input_path)
+    if not dry_run and output_path is not None:
+        save_model(model, output_path, external_data=external_data)
+    return report
+
+
+def fold_in_place(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = ()) -> FoldReport:
+    """Fold `model` itself (no copy): the fast path for files, where bnfold owns the loaded model."""
+    excluded = set(exclude_nodes)
+    report = FoldReport(counts_before=op_counts(model))
+    context = ModelContext(model)
+    released: set[str] = set()
+    _fold_graph(model.graph, context, None, "", excluded, report.decisions, released)
+    _remove_leftovers(model, released)
+    report.counts_after = op_counts(model)
+    return report
+
+
+def _fold_graph(graph: onnx.GraphProto, context: ModelContext, parent: GraphIndex | None, path: str,
+                excluded: set[str], decisions: list[Decision], released: set[str]) -> None:
+    index = GraphIndex(graph, context, parent)
+    for node in list(graph.node):
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            decisions.append(_fold_one(node, index, excluded, path))
+    released |= index.released
+    for node in list(graph.node):  # subgraphs see this graph's (already folded) tensors as outer scope
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for i, sub in enumerate(subgraphs):
+                where = f"{path}/{node.name or node.op_type}:{attr.name}" + (f"[{i}]" if len(subgraphs) > 1 else "")
+                _fold_graph(sub, context, index, where.lstrip("/"), excluded, decisions, released)
+
+
+def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: set[str], path: str) -> Decision:
+    decision = Decision(node=bn.name, reason="", graph=path)
+    if bn.name and bn.name in excluded:
+        decision.reason, decision.detail = "excluded-by-user", "named by --exclude-node"
+        return decision
+    refusal = bn_mode_refusal(bn, index)
+    if refusal is not None:
+        decision.reason, decision.detail = refusal.reason, refusal.detail
+        return decision
+    first_refusal = None
+    for rule in RULES:
+        match = rule.match(bn, index)
+        if match is None:
+            continue
+        try:
+            plan = rule.check(match, index)
+        except Refusal as refusal:
+            first_refusal = first_refusal or (rule, match, refusal)
+            continue
+        _describe(decision, rule, match)
+        rule.rewrite(match, plan, index)
+        decision.reason = FOLDED
+        return decision
+    if first_refusal is not None:
+        rule, match, refusal = first_refusal
+        _describe(decision, rule, match)
+        decision.reason, decision.detail = refusal.reason, refusal.detail
+        return decision
+    decision.reason, decision.detail = "no-foldable-neighbour", _neighbourhood(bn, index)
+    return decision
+
+
+def _describe(decision: Decision, rule, match) -> None:
+    decision.rule = rule.name
+    decision.neighbour = match.neighbour.name
+    decision.neighbour_op = match.neighbour.op_type
+
+
+def _neighbourhood(bn: onnx.NodeProto, index: GraphIndex) -> str:
+    producer = index.producer.get(bn.input[0])
+    before = f"{producer.op_type} {producer.name!r}" if producer is not None else f"input {bn.input[0]!r}"
+    after = sorted({n.op_type for n in index.users(bn.output[0])}) or ["graph output"]
+    return f"fed by {before}, read by {', '.join(after)}"
+
+
+# ------------------------------------------------------------------------------------- cleanup
+def _remove_leftovers(model: onnx.ModelProto, released: set[str]) -> None:
+    """Remove nodes and initializers that only fed what a fold disconnected; keep everything else."""
+    graphs = list(_all_graphs(model.graph))
+    uses: Counter = Counter()
+    for graph in graphs:
+        for node in graph.node:
+            uses.update(node_inputs(node))
+        uses.update(o.name for o in graph.output)
+    pending = [name for name in sorted(released) if uses[name] == 0]
+    dead: set[str] = set()
+    producers = {out: (graph, node) for graph in graphs for node in graph.node for out in node.output if out}
+    while pending:
+        name = pending.pop()
+        if name in dead or uses[name] > 0:
+            continue
+        dead.add(name)
+        graph, node = producers.get(name, (None, None))
+        if node is None or any(uses[out] > 0 for out in node.output if out):
+            continue
+        for out in node.output:
+            producers.pop(out, None)
+            dead.add(out)
+        for source in node_inputs(node):
+            uses[source] -= 1
+            if uses[source] == 0:
+                pending.append(source)
+        _delete(graph.node, node)
+    for graph in graphs:
+        removed = {t.name for t in graph.initializer if t.name in dead and uses[t.name] <= 0}
+        _drop(graph.initializer, lambda t: t.name in removed)
+        _drop(graph.value_info, lambda v: v.name in dead and v.name not in producers)
+        if model.ir_version < 4 and graph is model.graph:  # IR 3 lists every initializer as an input
+            _drop(graph.input, lambda v: v.name in removed)
+
+
+def _all_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_graphs(sub)
+
+
+def _delete(repeated, item) -> None:
+    for i, candidate in enumerate(repeated):
+        if candidate is item:
+            del repeated[i]
+            return
+
+
+def _drop(repeated, predicate) -> None:
+    for i in reversed(range(len(repeated))):
+        if predicate(repeated[i]):
+            del repeated[i]

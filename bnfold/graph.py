@@ -1,0 +1,383 @@
+"""A small mutable index over an ONNX graph: producers, consumers, constants, types, fresh names.
+
+bnfold edits the ModelProto in place instead of converting it to another representation: that keeps
+everything it does not touch (node names and order, doc strings, metadata, value_info, functions)
+exactly as it was, and costs no copy of the weights.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Ops whose output is a pure function of their inputs and attributes: a cone of these over constants
+# is a constant. Random ops, control flow and ops outside the default domain are never evaluated.
+_NOT_EVALUATED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                  "Bernoulli", "If", "Loop", "Scan", "SequenceMap", "DequantizeLinear",
+                  "DynamicQuantizeLinear", "QuantizeLinear"}
+_QUANTIZED = {"DequantizeLinear", "DynamicQuantizeLinear"}
+_LARGE_CONSTANT = 1 << 26  # do not materialize constant expressions beyond 64 MiB
+
+
+class NotConstant(Exception):
+    """Raised while resolving a value that is not a compile-time constant; `reason` is a reason code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class TensorType:
+    elem_type: int
+    shape: tuple | None  # dims as int or str (symbolic) or None (unknown); None when rank unknown
+
+
+def subgraph_names_used(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from enclosing scopes (implicit inputs)."""
+    used: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
+            used |= _outer_names(sub)
+    return used
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(name for name in node.input if name and name not in defined)
+        used |= subgraph_names_used(node) - defined
+        defined.update(node.output)
+    used.update(o.name for o in graph.output if o.name not in defined)
+    return used
+
+
+def node_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every name a node reads: explicit inputs and those its subgraphs read from outside."""
+    return {name for name in node.input if name} | subgraph_names_used(node)
+
+
+class ModelContext:
+    """What all graphs of one model share: opsets, IR version, fresh-name source, inferred types."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.opsets = {o.domain or "": o.version for o in model.opset_import}
+        self.ir_version = model.ir_version
+        self._names: set[str] | None = None
+        self._inferred: dict[str, TensorType] | None = None
+
+    @property
+    def bn_opset(self) -> int:
+        return self.opsets.get("", self.opsets.get("ai.onnx", 1))
+
+    def fresh_name(self, base: str) -> str:
+        """A name used nowhere in the model (nodes, tensors, initializers, in any graph)."""
+        if self._names is None:
+            self._names = set()
+            _collect_names(self.model.graph, self._names)
+        name, n = base, 1
+        while name in self._names:
+            n += 1
+            name = f"{base}_{n}"
+        self._names.add(name)
+        return name
+
+    def inferred_type(self, name: str) -> TensorType | None:
+        """Type of a tensor from onnx shape inference over a weight-free skeleton of the model."""
+        if self._inferred is None:
+            self._inferred = _infer_types(self.model)
+        return self._inferred.get(name)
+
+
+def _collect_names(graph: onnx.GraphProto, names: set[str]) -> None:
+    names.update(t.name for t in graph.initializer)
+    names.update(v.name for v in graph.input)
+    names.update(v.name for v in graph.output)
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _collect_names(attr.g, names)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _collect_names(sub, names)
+
+
+def _infer_types(model: onnx.ModelProto) -> dict[str, TensorType]:
+    """Run shape inference on a copy without large weight payloads (same types, a fraction of the bytes)."""
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = _without_initializers(model.graph)
+    declared = {v.name for v in graph.input}
+    for tensor in model.graph.initializer:
+        if _payload_size(tensor) <= 4096:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:  # keep its type and shape as an input so inference sees it
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    skeleton.graph.CopyFrom(graph)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except Exception:  # inference is a best effort: unknown types only mean fewer folds
+        return {}
+    types: dict[str, TensorType] = {}
+    _harvest_types(inferred.graph, types)
+    return types
+
+
+def _without_initializers(graph: onnx.GraphProto) -> onnx.GraphProto:
+    copy = onnx.GraphProto()
+    copy.node.extend(graph.node)
+    copy.input.extend(graph.input)
+    copy.output.extend(graph.output)
+    copy.value_info.extend(graph.value_info)
+    copy.name = graph.name
+    return copy
+
+
+def _payload_size(tensor: onnx.TensorProto) -> int:
+    return len(tensor.raw_data) + 4 * (len(tensor.float_data) + len(tensor.int32_data)) + \
+        8 * (len(tensor.int64_data) + len(tensor.double_data))
+
+
+def _harvest_types(graph: onnx.GraphProto, types: dict[str, TensorType]) -> None:
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        tt = _value_info_type(info)
+        if tt is not None:
+            types.setdefault(info.name, tt)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _harvest_types(attr.g, types)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    _harvest_types(sub, types)
+
+
+def _value_info_type(info: onnx.ValueInfoProto) -> TensorType | None:
+    if not info.type.HasField("tensor_type"):
+        return None
+    tensor_type = info.type.tensor_type
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in tensor_type.shape.dim)
+    return TensorType(tensor_type.elem_type, shape)
+
+
+class GraphIndex:
+    """Producers, consumers and constant values of one graph, kept current as the graph is edited."""
+
+    def __init__(self, graph: onnx.GraphProto, context: ModelContext, parent: GraphIndex | None = None):
+        self.graph = graph
+        self.context = context
+        self.parent = parent
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = {v.name for v in graph.input}
+        self.outputs = {v.name for v in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            self._link(node)
+        self._values: dict[str, np.ndarray] = {}
+        self.released: set[str] = set()  # names some node stopped reading or producing
+        self._declared = {v.name: v for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+
+    def _link(self, node: onnx.NodeProto) -> None:
+        for name in node.output:
+            if name:
+                self.producer[name] = node
+        for name in node_inputs(node):
+            self.consumers[name].append(node)
+
+    def _unlink(self, node: onnx.NodeProto) -> None:
+        self.released.update(node_inputs(node))
+        self.released.update(name for name in node.output if name)
+        for name in node.output:
+            if self.producer.get(name) is node:
+                del self.producer[name]
+        for name in node_inputs(node):
+            users = self.consumers.get(name, [])
+            for i, user in enumerate(users):
+                if user is node:
+                    del users[i]
+                    break
+
+    # ---------------------------------------------------------------------------------- structure
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        return list(self.consumers.get(name, []))
+
+    def is_output(self, name: str) -> bool:
+        return name in self.outputs
+
+    def only_consumer_is(self, name: str, node: onnx.NodeProto) -> bool:
+        users = self.consumers.get(name, [])
+        return len(users) == 1 and users[0] is node and not self.is_output(name)
+
+    def set_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        self._unlink(node)
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        self._link(node)
+
+    def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        self._unlink(node)
+        node.output[index] = name
+        self._link(node)
+
+    def position(self, node: onnx.NodeProto) -> int:
+        for i, candidate in enumerate(self.graph.node):
+            if candidate is node:
+                return i
+        raise ValueError(f"node {node.name!r} is not in the graph")
+
+    def remove_node(self, node: onnx.NodeProto) -> None:
+        self._unlink(node)
+        del self.graph.node[self.position(node)]
+
+    def insert_node(self, position: int, node: onnx.NodeProto) -> None:
+        self.graph.node.insert(position, node)
+        self._link(self.graph.node[position])
+
+    def add_initializer(self, values: np.ndarray, base: str) -> str:
+        """Store `values` as a new initializer under a fresh name (IR < 4 also lists it as an input)."""
+        name = self.context.fresh_name(base)
+        tensor = numpy_helper.from_array(values, name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+        if self.context.ir_version < 4 and self.parent is None:
+            self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+            self.inputs.add(name)
+        return name
+
+    def replace_initializer(self, name: str, values: np.ndarray) -> None:
+        """Overwrite an initializer that only the folded node uses (caller checks exclusivity)."""
+        tensor = self.initializers[name]
+        tensor.CopyFrom(numpy_helper.from_array(values, name))
+        self._values.pop(name, None)
+
+    # ----------------------------------------------------------------------------------- typing
+    def tensor_type(self, name: str) -> TensorType | None:
+        if name in self.initializers:
+            tensor = self.initializers[name]
+            return TensorType(tensor.data_type, tuple(tensor.dims))
+        if name in self._declared:
+            tt = _value_info_type(self._declared[name])
+            if tt is not None and tt.shape is not None:
+                return tt
+        if self.parent is not None and name not in self.producer and name not in self.inputs:
+            outer = self.parent.tensor_type(name)
+            if outer is not None:
+                return outer
+        return self.context.inferred_type(name)
+
+    # -------------------------------------------------------------------------------- constants
+    def is_overridable(self, name: str) -> bool:
+        """An initializer also listed as a graph input (IR >= 4): a caller may feed another value."""
+        if name in self.initializers:
+            return name in self.inputs and self.context.ir_version >= 4
+        if self.parent is not None and name not in self.producer and name not in self.inputs:
+            return self.parent.is_overridable(name)
+        return False
+
+    def owns_initializer(self, name: str, node: onnx.NodeProto) -> bool:
+        """True if `name` is an initializer of this graph that only `node` reads (safe to overwrite)."""
+        return (name in self.initializers and name not in self.inputs and name not in self.outputs
+                and self.only_consumer_is(name, node))
+
+    def constant(self, name: str) -> np.ndarray:
+        """The value of `name` if it is a compile-time constant, else raise NotConstant with a reason."""
+        if name in self._values:
+            return self._values[name]
+        value = self._resolve(name, depth=0)
+        self._values[name] = value
+        return value
+
+    def _resolve(self, name: str, depth: int) -> np.ndarray:
+        if depth > 64:
+            raise NotConstant("weights-not-constant", f"{name} is computed by a constant chain too deep to evaluate")
+        if name in self._values:
+            return self._values[name]
+        if name in self.initializers:
+            if self.is_overridable(name):
+                raise NotConstant("weights-overridable", f"initializer {name} is also a graph input")
+            value = numpy_helper.to_array(self.initializers[name])
+        elif name in self.producer:
+            value = self._evaluate(self.producer[name], name, depth)
+        elif name in self.inputs:
+            raise NotConstant("weights-not-constant", f"{name} is a graph input")
+        elif self.parent is not None:
+            value = self.parent._resolve(name, depth)
+        else:
+            raise NotConstant("weights-not-constant", f"{name} has no producer")
+        self._values[name] = value
+        return value
+
+    def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
+        if node.op_type in _QUANTIZED:
+            raise NotConstant("quantized-weights", f"{name} comes from {node.op_type} {node.name!r}")
+        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_EVALUATED:
+            raise NotConstant("weights-not-constant", f"{name} is computed by {node.op_type} {node.name!r}")
+        metadata = self._metadata_only(node, name)
+        if metadata is not None:
+            return metadata
+        feeds = {}
+        for index, source in enumerate(node.input):
+            if source:
+                feeds[source] = self._metadata_input(node, index, source) if _reads_type_only(node, index) \
+                    else self._resolve(source, depth + 1)
+        return self._run_node(node, feeds)[list(node.output).index(name)]
+
+    def _metadata_only(self, node: onnx.NodeProto, name: str) -> np.ndarray | None:
+        """Shape and Size of a tensor whose static shape is known do not need its value."""
+        if node.op_type not in ("Shape", "Size"):
+            return None
+        tt = self.tensor_type(node.input[0])
+        if tt is None or tt.shape is None or not all(isinstance(d, int) and d > 0 for d in tt.shape):
+            try:
+                array = self._resolve(node.input[0], 1)
+            except NotConstant:
+                raise NotConstant("weights-not-constant",
+                                  f"{name} is the shape of {node.input[0]}, which is not static") from None
+            shape = array.shape
+        else:
+            shape = tt.shape
+        if node.op_type == "Size":
+            return np.array(int(np.prod(shape)), dtype=np.int64)
+        attrs = {a.name: a.i for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+        return np.array(shape[slice(start, end)], dtype=np.int64)
+
+    def _metadata_input(self, node: onnx.NodeProto, index: int, source: str) -> np.ndarray:
+        tt = self.tensor_type(source)
+        if tt is None or not tt.elem_type:
+            raise NotConstant("weights-not-constant", f"the dtype of {source} (read by {node.op_type}) is unknown")
+        return np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+
+    def _run_node(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        from onnx.reference import ReferenceEvaluator
+        try:
+            outputs = ReferenceEvaluator(node, opsets=dict(self.context.opsets)).run(None, feeds)
+        except Exception as exc:
+            raise NotConstant("weights-not-constant",
+                              f"cannot evaluate {node.op_type} {node.name!r}: {exc}".splitlines()[0]) from None
+        for output in outputs:
+            if np.asarray(output).nbytes > _LARGE_CONSTANT:
+                raise NotConstant("weights-not-constant", f"{node.op_type} {node.name!r} yields a huge constant")
+        return [np.asarray(o) for o in outputs]
+
+
+def _reads_type_only(node: onnx.NodeProto, index: int) -> bool:
+    """CastLike reads only the dtype of its second input."""
+    return node.op_type == "CastLike" and index == 1

@@ -1,0 +1,53 @@
+"""BN after Conv or ConvTranspose: scale each output channel's filters, map the bias.
+
+Exact for any rank, group count, strides, dilations, pads, auto_pad, output_padding and output_shape:
+those change which inputs reach an output, not the per-output-channel affine applied after it.
+Conv weights are [M, C/g, k...] (output channel = axis 0); ConvTranspose weights are
+[C_in, C_out/g, k...] (output channel = group * C_out/g + axis-1 index).
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..graph import GraphIndex
+from ..math import fold_after_conv, fold_after_conv_transpose
+from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
+                   set_folded_input, single_consumer, weight_dtype)
+
+
+class ConvThenBN(FoldRule):
+    """Conv -> BN and ConvTranspose -> BN."""
+    name = "conv-bn"
+    ops = ("Conv", "ConvTranspose")
+
+    def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
+        producer = index.producer.get(bn.input[0])
+        if producer is None or producer.op_type not in self.ops or producer.domain not in ("", "ai.onnx"):
+            return None
+        return Match(bn, producer)
+
+    def check(self, match: Match, index: GraphIndex) -> Plan:
+        conv, bn = match.neighbour, match.bn
+        single_consumer(index, conv.output[0], bn, conv.op_type)
+        weight = constant(index, conv.input[1], f"{conv.op_type} weight")
+        bias = constant(index, conv.input[2], f"{conv.op_type} bias") if len(conv.input) > 2 and conv.input[2] else None
+        if weight.ndim < 3:
+            raise Refusal("rank-unknown", f"{conv.op_type} weight has rank {weight.ndim}, expected >= 3")
+        dtype = weight_dtype(index, conv.input[1], f"{conv.op_type} weight")
+        groups = int(attribute(conv, "group", 1))
+        transposed = conv.op_type == "ConvTranspose"
+        channels = weight.shape[1] * groups if transposed else weight.shape[0]
+        scale, shift = bn_affine(bn, index, channels)
+        if transposed:
+            new_weight, new_bias = fold_after_conv_transpose(weight, bias, scale, shift, groups)
+        else:
+            new_weight, new_bias = fold_after_conv(weight, bias, scale, shift)
+        return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_bias, dtype, "biases")})
+
+    def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
+        conv, bn = match.neighbour, match.bn
+        set_folded_input(index, conv, 1, plan.arrays[1], f"{conv.name or bn.name}_W_bnfold")
+        set_folded_input(index, conv, 2, plan.arrays[2], f"{conv.name or bn.name}_B_bnfold")
+        index.remove_node(bn)
+        index.set_output(conv, 0, bn.output[0])

@@ -1,0 +1,133 @@
+"""BN before Conv, Gemm or MatMul (pre-activation blocks): fold forward into the consumer.
+
+``W (scale * x + shift) + b = (W scale) x + (W shift + b)``: each *input* channel of W is scaled and
+W's response to the constant shift joins the bias. For Conv this is exact only without padding: a
+padded border sees zeros where the BN would have produced ``shift``, so any non-zero pad is refused.
+For Gemm the BN's channel axis must be A's axis 1 with transA = 0 (the reduced axis K).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import GraphIndex
+from ..math import fold_before_conv, fold_before_matmul
+from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
+                   set_folded_input, single_consumer, weight_dtype)
+from .linear import set_attribute
+
+
+def _consumer(bn: onnx.NodeProto, index: GraphIndex, ops: tuple[str, ...]) -> onnx.NodeProto | None:
+    users = index.users(bn.output[0])
+    if len(users) == 1 and users[0].op_type in ops and users[0].domain in ("", "ai.onnx") \
+            and users[0].input[0] == bn.output[0]:
+        return users[0]
+    return None
+
+
+def _bn_output_exclusive(match: Match, index: GraphIndex) -> None:
+    if index.is_output(match.bn.output[0]):
+        raise Refusal("neighbour-output-is-graph-output", f"BN output {match.bn.output[0]} is a graph output")
+
+
+class BNThenConv(FoldRule):
+    """BN -> Conv with no padding (any group count, stride, dilation)."""
+    name = "bn-conv"
+
+    def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
+        conv = _consumer(bn, index, ("Conv",))
+        return Match(bn, conv) if conv is not None else None
+
+    def check(self, match: Match, index: GraphIndex) -> Plan:
+        conv, bn = match.neighbour, match.bn
+        _bn_output_exclusive(match, index)
+        weight = constant(index, conv.input[1], "Conv weight")
+        bias = constant(index, conv.input[2], "Conv bias") if len(conv.input) > 2 and conv.input[2] else None
+        dtype = weight_dtype(index, conv.input[1], "Conv weight")
+        _check_no_padding(conv, weight)
+        groups = int(attribute(conv, "group", 1))
+        scale, shift = bn_affine(bn, index, weight.shape[1] * groups)
+        new_weight, new_bias = fold_before_conv(weight, bias, scale, shift, groups)
+        return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_bias, dtype, "biases")})
+
+    def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
+        conv, bn = match.neighbour, match.bn
+        set_folded_input(index, conv, 1, plan.arrays[1], f"{conv.name or bn.name}_W_bnfold")
+        set_folded_input(index, conv, 2, plan.arrays[2], f"{conv.name or bn.name}_B_bnfold")
+        index.remove_node(bn)
+        index.set_input(conv, 0, bn.input[0])
+
+
+def _check_no_padding(conv: onnx.NodeProto, weight: np.ndarray) -> None:
+    auto_pad = attribute(conv, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = attribute(conv, "pads", [])
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        kernel = attribute(conv, "kernel_shape", list(weight.shape[2:]))
+        strides = attribute(conv, "strides", [1] * len(kernel))
+        if any(k != 1 for k in kernel) or any(s != 1 for s in strides):
+            raise Refusal("padding-prevents-fold", f"auto_pad={auto_pad} pads the BN's output with zeros")
+    elif auto_pad == "NOTSET" and any(p != 0 for p in pads):
+        raise Refusal("padding-prevents-fold", f"Conv pads {list(pads)}: the border would see 0, not the BN's shift")
+
+
+class BNThenLinear(FoldRule):
+    """BN -> Gemm (transA = 0) and BN -> MatMul over a 2-D input, into the weight's rows."""
+    name = "bn-linear"
+
+    def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
+        node = _consumer(bn, index, ("Gemm", "MatMul"))
+        return Match(bn, node) if node is not None else None
+
+    def check(self, match: Match, index: GraphIndex) -> Plan:
+        node, bn = match.neighbour, match.bn
+        _bn_output_exclusive(match, index)
+        weight = constant(index, node.input[1], f"{node.op_type} weight")
+        dtype = weight_dtype(index, node.input[1], f"{node.op_type} weight")
+        if weight.ndim != 2:
+            raise Refusal("channel-axis-mismatch", f"{node.op_type} weight has rank {weight.ndim}, not 2")
+        x_type = index.tensor_type(bn.input[0])
+        if node.op_type == "MatMul" and (x_type is None or x_type.shape is None):
+            raise Refusal("rank-unknown", f"the rank of BN input {bn.input[0]} is unknown")
+        if node.op_type == "MatMul" and len(x_type.shape) != 2:
+            raise Refusal("channel-axis-mismatch", f"BN input has rank {len(x_type.shape)}: its channel axis "
+                                                   "is not MatMul's reduced axis")
+        if node.op_type == "Gemm":
+            return self._gemm_plan(node, bn, index, weight, dtype)
+        scale, shift = bn_affine(bn, index, weight.shape[0])
+        new_weight, new_bias = fold_before_matmul(weight, None, scale, shift)
+        return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"))
+
+    def _gemm_plan(self, gemm, bn, index, weight, dtype) -> Plan:
+        if attribute(gemm, "transA", 0):
+            raise Refusal("channel-axis-mismatch", "Gemm transA=1: BN's channel axis is Gemm's output row axis")
+        trans_b = bool(attribute(gemm, "transB", 0))
+        k_by_n = weight.T if trans_b else weight
+        scale, shift = bn_affine(bn, index, k_by_n.shape[0])
+        alpha, beta = float(attribute(gemm, "alpha", 1.0)), float(attribute(gemm, "beta", 1.0))
+        has_c = len(gemm.input) > 2 and bool(gemm.input[2])
+        c = constant(index, gemm.input[2], "Gemm C").astype(np.float64) if has_c else 0.0
+        new_k_by_n, response = fold_before_matmul(k_by_n, None, scale, shift)
+        new_c = beta * c + alpha * response
+        new_c = new_c.reshape(-1) if new_c.ndim == 2 and new_c.shape[0] == 1 else new_c
+        new_weight = new_k_by_n.T if trans_b else new_k_by_n
+        return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_c, dtype, "biases")},
+                    attributes={"beta": 1.0})
+
+    def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
+        node, bn = match.neighbour, match.bn
+        set_folded_input(index, node, 1, plan.arrays[1], f"{node.name or bn.name}_W_bnfold")
+        index.remove_node(bn)
+        index.set_input(node, 0, bn.input[0])
+        if node.op_type == "Gemm":
+            set_folded_input(index, node, 2, plan.arrays[2], f"{node.name or bn.name}_C_bnfold")
+            set_attribute(node, "beta", plan.attributes["beta"])
+            return
+        output = node.output[0]
+        product = index.context.fresh_name(f"{output}_unbiased")
+        index.set_output(node, 0, product)
+        bias_name = index.add_initializer(plan.bias, f"{node.name or bn.name}_B_bnfold")
+        add = onnx.helper.make_node("Add", [product, bias_name], [output],
+                                    name=index.context.fresh_name(f"{node.name or 'matmul'}_bias"))
+        index.insert_node(index.position(node) + 1, add)
