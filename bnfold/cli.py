@@ -79,8 +79,9 @@ def _emit_fold_reports(args, reports) -> None:
     console = _console()
     for report in reports:
         verb = "would fold" if args.dry_run else "folded"
-        console.print(summary_table(report, f"{report.model}: {verb} {report.folded} of {report.total} "
-                                            "BatchNormalization"))
+        console.print(f"{report.model}: {verb} {report.folded} of {report.total} BatchNormalization",
+                      highlight=False, soft_wrap=True)
+        console.print(summary_table(report))
 
 
 # ------------------------------------------------------------------------------------------- inspect
@@ -103,8 +104,10 @@ def cmd_inspect(args) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return EXIT_OK
     console = _console()
-    console.print(decisions_table(report, f"{args.input}: {report.total} BatchNormalization"))
-    console.print(summary_table(report, "if folded"))
+    console.print(f"{args.input}: {report.total} BatchNormalization, {report.folded} foldable",
+                  highlight=False, soft_wrap=True)
+    console.print(decisions_table(report))
+    console.print(summary_table(report))
     return EXIT_OK
 
 
@@ -131,14 +134,49 @@ def _write_text_atomic(path: str, text: str) -> None:
 
 # -------------------------------------------------------------------------------------------- verify
 def _add_verify_parser(sub) -> None:
-    p = sub.add_parser("verify", help="compare two models output by output with onnxruntime")
-    p.add_argument("reference", metavar="REFERENCE")
-    p.add_argument("candidate", metavar="CANDIDATE")
+    from .verify import add_verify_arguments
+
+    p = sub.add_parser(
+        "verify", help="compare two models output by output with onnxruntime",
+        usage="bnfold verify REFERENCE CANDIDATE [options]\n"
+              "       bnfold verify --against-reference FILE.npz|DIR MODEL [options]",
+        description="Run both models in onnxruntime (graph optimizations disabled) on the same inputs "
+                    "and compare every output by name: pass when |a-b| <= atol + rtol*|a| everywhere. "
+                    "Exit 0 pass, 1 mismatch, 2 bad input.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="REFERENCE CANDIDATE, or one MODEL "
+                   "with --against-reference")
+    add_verify_arguments(p)
+    p.add_argument("--bisect", action="store_true",
+                   help="on a mismatch, report the first tensor both models share that diverges")
+    p.add_argument("--against-reference", metavar="FILE.npz|DIR",
+                   help="compare MODEL with outputs saved by `bnfold export --reference`")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args) -> int:
-    raise BnfoldError("verify: not implemented yet")
+    import json
+
+    from .errors import EXIT_CHECK_FAILED, EXIT_OK
+    from .verify import options_from_args, print_report, verify_against_reference, verify_models
+
+    wanted = 1 if args.against_reference else 2
+    if len(args.models) != wanted:
+        raise BnfoldError(f"verify takes {'one MODEL' if wanted == 1 else 'REFERENCE and CANDIDATE'}"
+                          f"{' with --against-reference' if wanted == 1 else ''}, got "
+                          f"{len(args.models)} model(s)")
+    options = options_from_args(args)
+    if args.against_reference:
+        report = verify_against_reference(args.against_reference, args.models[0], options)
+    else:
+        report = verify_models(args.models[0], args.models[1], options)
+    for note in report.notes:
+        print(f"bnfold: note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+    else:
+        print_report(report)
+    return EXIT_OK if report else EXIT_CHECK_FAILED
 
 
 # --------------------------------------------------------------------------------------------- bench
@@ -165,13 +203,37 @@ def cmd_bench(args) -> int:
 
 # -------------------------------------------------------------------------------------------- export
 def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="export a torch model to ONNX with every BatchNorm kept")
-    p.add_argument("model", metavar="NAME|module:callable")
+    p = sub.add_parser("export", help="export a torch model to ONNX with every BatchNorm kept",
+                       description="Export a sample architecture (see sample_models/) or your own factory "
+                                   "to ONNX with torch's BatchNorm fusions off, then check that every "
+                                   "BatchNorm called in forward is a BatchNormalization node. Needs torch: "
+                                   "pip install 'bnfold[torch]'.")
+    p.add_argument("model", metavar="NAME|module:callable",
+                   help="a sample name (e.g. resnet_small) or an importable factory returning an nn.Module")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="the ONNX file to write")
+    p.add_argument("--input-shape", action="append", metavar="SHAPE", default=None,
+                   help="input shape like 1x3x224x224; repeat once per input (default: the sample's)")
+    p.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default 18)")
+    p.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of inputs and outputs symbolic")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch exporter (default dynamo)")
+    p.add_argument("--randomize-bn", action="store_true",
+                   help="give every BatchNorm non-trivial statistics and affine parameters (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, BN statistics and inputs (default 0)")
+    p.add_argument("--reference", metavar="FILE.npz",
+                   help="also save the inputs and the float64 PyTorch eval-mode outputs")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
-    raise BnfoldError("export: not implemented yet")
+    from .export import export_model, parse_shape
+
+    shapes = [parse_shape(text) for text in args.input_shape] if args.input_shape else None
+    result = export_model(args.model, args.output, input_shapes=shapes, opset=args.opset,
+                          dynamic_batch=args.dynamic_batch, exporter=args.exporter,
+                          randomize_bn=args.randomize_bn, seed=args.seed, reference=args.reference)
+    print(result.summary())
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------- main

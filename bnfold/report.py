@@ -93,10 +93,10 @@ def _count(graph: onnx.GraphProto, counts: Counter) -> None:
                 _count(sub, counts)
 
 
-def summary_table(report: FoldReport, title: str):
+def summary_table(report: FoldReport):
     """A rich table: BN total, folded, left by reason, then the op counts that changed."""
     from rich.table import Table
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("")
     table.add_column("count", justify="right")
     table.add_row("BatchNormalization", str(report.total))
@@ -112,10 +112,10 @@ def summary_table(report: FoldReport, title: str):
     return table
 
 
-def decisions_table(report: FoldReport, title: str):
+def decisions_table(report: FoldReport):
     """A rich table with one row per BatchNormalization: neighbour, decision, why."""
     from rich.table import Table
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for column in ("BatchNormalization", "neighbour", "decision", "detail"):
         table.add_column(column, overflow="fold")
     for d in report.decisions:

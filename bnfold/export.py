@@ -1,0 +1,461 @@
+"""Export a torch model to ONNX with every BatchNorm kept as a BatchNormalization node.
+
+torch's exporters fold BatchNorm on their own, silently and depending on flags: the TorchScript
+exporter fuses Conv+BN when it exports in eval mode, and the dynamo exporter's optimizer folds
+Conv/Gemm+BN. bnfold wants the folds to be its own (reported, checked), so this module exports with
+those fusions off — TorchScript with ``training=PRESERVE`` on an eval-mode model and no constant
+folding; dynamo with ``optimize=False`` — and then counts: the number of inference-mode
+BatchNormalization nodes in the ONNX graph (subgraphs included) must equal the number of inference
+batch-norm calls torch made in one forward pass, or the export fails.
+
+torch is imported here only, and lazily, so the rest of bnfold works without it.
+
+Determinism: the weights, the randomized BN statistics and the reference inputs all come from
+``seed``; the same call gives byte-identical files (the dynamo exporter's per-node stack traces,
+which hold absolute paths of this machine, are removed).
+
+Reference file (``reference=FILE.npz``): an uncompressed npz holding, for each ONNX graph input,
+``input:<input name>`` — the float32 array the model was run on — and, for each ONNX graph output,
+``output:<output name>`` — the eval-mode PyTorch result computed in float64 (the model and the input
+converted with ``.double()``), the ground truth to compare the ONNX model and its folded version with.
+Inputs are named ``input`` (or ``input_0``, ``input_1``, ... when there are several) and outputs
+``output`` (or ``output_0``, ...), whatever the exporter would have chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import io
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import EXIT_CHECK_FAILED, BnfoldError
+from .io import check_model, save_model
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a version converter
+_INSTALL_NOTE = "install the extra: pip install 'bnfold[torch]'"
+_SAMPLES_DIR = Path(__file__).resolve().parent.parent / "sample_models"
+_SHAPE = re.compile(r"^[1-9][0-9]*(x[1-9][0-9]*)*$")
+_STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `export_model` wrote: the files, the opset and the BatchNorm count check."""
+
+    path: Path
+    reference: Path | None
+    exporter: str
+    opset: int
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    bn_calls: int  # inference-mode batch-norm calls torch made in one forward pass
+    bn_nodes: int  # inference-mode BatchNormalization nodes in the exported graph
+
+    def summary(self) -> str:
+        """One line for the terminal."""
+        line = (f"wrote {self.path} ({self.exporter} exporter, opset {self.opset}): {self.bn_nodes} "
+                f"BatchNormalization nodes kept for {self.bn_calls} BatchNorm calls in forward")
+        if self.reference:
+            line += f"; float64 reference in {self.reference}"
+        return line
+
+
+def export_model(model: str | Callable, out_path: str | os.PathLike, *,
+                 input_shapes: Sequence[Sequence[int]] | None = None, opset: int | None = None,
+                 dynamic_batch: bool = False, exporter: str = DEFAULT_EXPORTER, randomize_bn: bool = False,
+                 seed: int = 0, reference: str | os.PathLike | None = None) -> ExportResult:
+    """Export `model` to `out_path` with its BatchNorms kept; optionally write a float64 reference.
+
+    `model` is a sample name (``resnet_small``), a ``module:callable`` string, or a callable (a
+    factory or an ``nn.Module`` class) that returns an ``nn.Module``. `input_shapes` defaults to
+    the sample's shapes; a factory given any other way needs them. Raises BnfoldError for bad
+    arguments, and with exit code 1 when the exported graph lost BatchNorms.
+    """
+    torch = _import_torch(exporter)
+    opset = DEFAULT_OPSET if opset is None else opset
+    _check_opset(torch, exporter, opset)
+    out_path = Path(out_path)
+    reference = Path(reference) if reference is not None else None
+    for target in (out_path, reference):
+        if target is not None:
+            _check_target(target)
+    factory, default_shapes = _resolve(model)
+    shapes = _check_shapes(input_shapes or default_shapes, model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = _build(factory, model)
+    if randomize_bn:
+        randomize_batchnorm(module, seed)
+    generator = torch.Generator().manual_seed(seed)
+    inputs = tuple(torch.randn(shape, generator=generator) for shape in shapes)
+    input_names = _names("input", len(inputs))
+    bn_calls, outputs = _count_batchnorm_calls(torch, module, inputs)
+    output_names = _names("output", len(outputs))
+    proto = _export(torch, module, inputs, input_names, output_names, opset, exporter, dynamic_batch)
+    _strip_stack_traces(proto)
+    got_opset = _default_opset(proto)
+    if got_opset != opset:
+        raise BnfoldError(f"the {exporter} exporter of torch {torch.__version__} cannot write opset {opset} "
+                          f"(it wrote opset {got_opset})",
+                          note="choose another --opset, or the other --exporter")
+    bn_nodes = _check_batchnorms(proto, bn_calls, exporter)
+    check_model(proto)
+    if reference is not None:
+        arrays = _reference_arrays(module, inputs, input_names, output_names)
+        write_npz(arrays, reference)
+    save_model(proto, out_path)
+    return ExportResult(out_path, reference, exporter, opset, tuple(input_names), tuple(output_names),
+                        bn_calls, bn_nodes)
+
+
+def sample_names() -> list[str]:
+    """The names of the sample architectures, in registry order."""
+    return list(_samples().SAMPLES)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x3x224x224`` -> (1, 3, 224, 224); every dimension a positive integer."""
+    compact = text.strip().lower()
+    if not _SHAPE.match(compact):
+        raise BnfoldError(f"bad input shape {text!r}", note="write positive sizes joined by 'x', e.g. 1x3x224x224")
+    return tuple(int(part) for part in compact.split("x"))
+
+
+def randomize_batchnorm(module, seed: int) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters, reproducibly from `seed`.
+
+    A fresh BN (mean 0, var 1, gamma 1, beta 0) is an identity up to epsilon and hides a wrong fold.
+    Here mean ~ N(0, 0.5^2), var = 10^U(-1.5, 1) (three decades), |gamma| ~ U(0.5, 1.5) with a
+    negative sign one time in four, beta ~ N(0, 0.5^2).
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+            n = bn.num_features
+            if bn.running_mean is not None:
+                bn.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
+                bn.running_var.copy_(10 ** (2.5 * torch.rand(n, generator=generator) - 1.5))
+            if bn.affine:
+                sign = torch.where(torch.rand(n, generator=generator) < 0.25, -1.0, 1.0)
+                bn.weight.copy_(sign * (0.5 + torch.rand(n, generator=generator)))
+                bn.bias.copy_(0.5 * torch.randn(n, generator=generator))
+
+
+def write_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write an uncompressed .npz atomically and reproducibly (fixed zip timestamps, sorted keys)."""
+    path = Path(path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        staged = staging / path.name
+        with zipfile.ZipFile(staged, "w", zipfile.ZIP_STORED) as archive:
+            for key in sorted(arrays):
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+        os.replace(staged, path)
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- arguments and model
+def _import_torch(exporter: str):
+    """torch (and onnxscript for dynamo), or a one-line error saying how to install them."""
+    if exporter not in EXPORTERS:
+        raise BnfoldError(f"unknown exporter {exporter!r}", note=f"choose one of {', '.join(EXPORTERS)}")
+    try:
+        import torch
+        if exporter == "dynamo":
+            import onnxscript  # noqa: F401  (the dynamo exporter needs it; say so before torch does)
+    except ImportError as exc:
+        raise BnfoldError(f"bnfold export needs {exc.name or 'torch'}, which is not installed",
+                          note=_INSTALL_NOTE) from exc
+    return torch
+
+
+def _check_opset(torch, exporter: str, opset: int) -> None:
+    """Refuse opsets the exporter cannot write before torch prints its own diagnostics."""
+    constants = getattr(torch.onnx, "_constants", None)
+    newest = onnx.defs.onnx_opset_version()
+    if exporter == "torchscript":
+        low, high = getattr(constants, "ONNX_MIN_OPSET", 7), getattr(constants, "ONNX_MAX_OPSET", newest)
+    else:
+        low, high = 7, newest
+    if not low <= opset <= high:
+        raise BnfoldError(f"the {exporter} exporter of torch {torch.__version__} cannot write opset {opset}",
+                          note=f"choose an --opset from {low} to {high}")
+
+
+def _check_target(path: Path) -> None:
+    """Fail before the (slow) export if an output cannot be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise BnfoldError(f"{path}: output folder {folder} does not exist")
+    if path.is_dir():
+        raise BnfoldError(f"{path}: is a directory")
+
+
+def _samples():
+    """The sample_models package of this checkout, imported from its folder next to bnfold/."""
+    if "sample_models" in sys.modules:
+        return sys.modules["sample_models"]
+    init = _SAMPLES_DIR / "__init__.py"
+    if not init.is_file():
+        raise BnfoldError("the sample models are not installed (they ship with a source checkout of bnfold)",
+                          note="export your own model as module:callable")
+    spec = importlib.util.spec_from_file_location("sample_models", init,
+                                                  submodule_search_locations=[str(_SAMPLES_DIR)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sample_models"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["sample_models"]
+        raise
+    return module
+
+
+def _resolve(model) -> tuple[Callable, tuple[tuple[int, ...], ...] | None]:
+    """(factory, default input shapes) for a sample name, a module:callable string or a callable."""
+    if callable(model):
+        return model, None
+    if not isinstance(model, str):
+        raise BnfoldError(f"cannot export {model!r}: give a sample name, module:callable, or a factory")
+    if ":" in model:
+        return _load_callable(model), None
+    samples = _samples().SAMPLES
+    if model not in samples:
+        raise BnfoldError(f"unknown sample model {model!r}",
+                          note=f"choose one of {', '.join(samples)}, or give module:callable")
+    return samples[model].factory, samples[model].input_shapes
+
+
+def _load_callable(spec: str) -> Callable:
+    """Import ``package.module:attr.attr`` and return the callable it names."""
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise BnfoldError(f"bad model spec {spec!r}", note="write module:callable, e.g. mypkg.models:build")
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:  # an ImportError, or any error raised while importing user code
+        raise BnfoldError(f"cannot import {module_name!r} ({type(exc).__name__}: {exc})",
+                          note="the module must be importable from the current directory or sys.path") from exc
+    for attr in attr_path.split("."):
+        if not hasattr(target, attr):
+            raise BnfoldError(f"{module_name!r} has no attribute {attr_path!r}")
+        target = getattr(target, attr)
+    if not callable(target):
+        raise BnfoldError(f"{spec!r} is not callable", note="name a function or class returning an nn.Module")
+    return target
+
+
+def _build(factory: Callable, model) -> object:
+    """Call the factory; the result must be an nn.Module, returned in eval mode."""
+    import torch
+
+    try:
+        module = factory()
+    except Exception as exc:
+        raise BnfoldError(f"building {_label(model)} failed ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise BnfoldError(f"{_label(model)} returned {type(module).__name__}, not a torch.nn.Module")
+    return module.eval()
+
+
+def _check_shapes(shapes, model) -> list[tuple[int, ...]]:
+    if not shapes:
+        raise BnfoldError(f"{_label(model)} has no default input shape", note="give --input-shape, e.g. 1x3x224x224")
+    result = [tuple(int(d) for d in shape) for shape in shapes]
+    if any(not shape or min(shape) < 1 for shape in result):
+        raise BnfoldError(f"bad input shapes {result}", note="every dimension must be a positive integer")
+    return result
+
+
+def _label(model) -> str:
+    return model if isinstance(model, str) else getattr(model, "__qualname__", repr(model))
+
+
+def _names(prefix: str, count: int) -> list[str]:
+    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------- forward passes
+def _count_batchnorm_calls(torch, module, inputs) -> tuple[int, list]:
+    """Run one float32 forward; count batch_norm calls that use running statistics (inference).
+
+    Counted at the functional level, so BN modules, a module called twice and direct
+    ``F.batch_norm`` calls all count as the exporter sees them.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    batch_norm = torch.nn.functional.batch_norm
+
+    class Counter(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is batch_norm:
+                training = kwargs.get("training", args[5] if len(args) > 5 else False)
+                running_mean = kwargs.get("running_mean", args[1] if len(args) > 1 else None)
+                self.calls += int(running_mean is not None and not training)
+            return func(*args, **kwargs)
+
+    counter = Counter()
+    try:
+        with torch.no_grad(), counter:
+            outputs = module(*inputs)
+    except Exception as exc:
+        raise BnfoldError(f"the model's forward pass failed on inputs of shapes "
+                          f"{[tuple(x.shape) for x in inputs]} ({type(exc).__name__}: {exc})",
+                          note="check --input-shape") from exc
+    return counter.calls, _flat_outputs(torch, outputs)
+
+
+def _flat_outputs(torch, outputs) -> list:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, (tuple, list)) and outputs and all(isinstance(t, torch.Tensor) for t in outputs):
+        return list(outputs)
+    raise BnfoldError(f"the model returned {type(outputs).__name__}; bnfold export needs a tensor or a "
+                      "tuple of tensors")
+
+
+def _reference_arrays(module, inputs, input_names, output_names) -> dict[str, np.ndarray]:
+    """The float32 inputs and the float64 eval-mode outputs of a double-precision copy of the model."""
+    import torch
+
+    double = copy.deepcopy(module).double().eval()
+    with torch.no_grad():
+        outputs = _flat_outputs(torch, double(*(x.double() for x in inputs)))
+    arrays = {f"input:{name}": x.numpy() for name, x in zip(input_names, inputs)}
+    arrays.update({f"output:{name}": y.numpy() for name, y in zip(output_names, outputs)})
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------- exporting
+def _export(torch, module, inputs, input_names, output_names, opset, exporter, dynamic_batch) -> onnx.ModelProto:
+    """Run torch's exporter with its BN fusions off; torch's chatter goes to stderr, not stdout."""
+    with _quiet_torch():
+        try:
+            if exporter == "torchscript":
+                return _export_torchscript(torch, module, inputs, input_names, output_names, opset, dynamic_batch)
+            return _export_dynamo(torch, module, inputs, input_names, output_names, opset, dynamic_batch)
+        except BnfoldError:
+            raise
+        except Exception as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise BnfoldError(f"the {exporter} exporter failed: {first.strip()}",
+                              note="try the other --exporter, or rerun with --debug") from exc
+
+
+def _export_torchscript(torch, module, inputs, input_names, output_names, opset, dynamic_batch):
+    """TorchScript export: PRESERVE keeps the eval mode but skips the eval-mode Conv+BN fusion."""
+    axes = {name: {0: "batch"} for name in (*input_names, *output_names)} if dynamic_batch else None
+    buffer = io.BytesIO()
+    torch.onnx.export(module, inputs, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+                      output_names=output_names, dynamic_axes=axes,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _export_dynamo(torch, module, inputs, input_names, output_names, opset, dynamic_batch):
+    """Dynamo export with its optimizer (which folds Conv/Gemm+BN) off."""
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch")
+        shapes = tuple({0: batch} for _ in inputs)
+    program = torch.onnx.export(module, inputs, None, dynamo=True, optimize=False, opset_version=opset,
+                                input_names=input_names, output_names=output_names, dynamic_shapes=shapes,
+                                verbose=False)
+    return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Send the exporters' prints to stderr and keep their warnings and info logs out of the way."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _strip_stack_traces(proto: onnx.ModelProto) -> None:
+    """Drop per-node stack traces: they hold this machine's absolute paths and break reproducibility."""
+    for node in _all_nodes(proto.graph):
+        kept = [p for p in node.metadata_props if p.key != _STACK_TRACE_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+# ------------------------------------------------------------------------------------ the BN check
+def _check_batchnorms(proto: onnx.ModelProto, bn_calls: int, exporter: str) -> int:
+    """Count inference BatchNormalization nodes; fail if the exporter dropped (folded) any."""
+    nodes = [n for n in _all_nodes(proto.graph) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
+    inference = sum(_is_inference(n, _default_opset(proto)) for n in nodes)
+    if inference < bn_calls:
+        raise BnfoldError(f"the {exporter} exporter kept {inference} of {bn_calls} BatchNorms "
+                          f"(it folded or removed {bn_calls - inference})",
+                          note="try the other --exporter; bnfold wants every BatchNorm in the graph",
+                          exit_code=EXIT_CHECK_FAILED)
+    return inference
+
+
+def count_batchnorm_nodes(model: onnx.ModelProto) -> int:
+    """How many BatchNormalization nodes a model holds, subgraphs (If/Loop/Scan bodies) included."""
+    return sum(n.op_type == "BatchNormalization" for n in _all_nodes(model.graph))
+
+
+def _is_inference(node: onnx.NodeProto, opset: int) -> bool:
+    """True if the node normalizes with its running statistics (what a fold needs)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("training_mode", 0) != 0:
+        return False
+    if opset < 7 and attrs.get("is_test", 0) == 0:
+        return False
+    return sum(1 for name in node.output if name) == 1
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """Every node of a graph and of the subgraphs in its attributes, depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)

@@ -1,0 +1,125 @@
+"""`bnfold fold` and `bnfold inspect` from the command line: outputs, reports, and every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from bnfold.cli import main
+from tests.builders import assert_same_function, conv_bn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def model_file(tmp_path, rng):
+    path = tmp_path / "model.onnx"
+    onnx.save(conv_bn(rng), path)
+    return path
+
+
+def listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_fold_writes_output_and_leaves_input_untouched(model_file, tmp_path, capsys):
+    before = model_file.read_bytes()
+    out = tmp_path / "out.onnx"
+    assert main(["fold", str(model_file), "-o", str(out), "--report", str(tmp_path / "r.json")]) == 0
+    assert model_file.read_bytes() == before
+    assert "folded 1 of 1" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["folded"] == 1 and report["decisions"][0]["reason"] == "folded"
+    assert_same_function(onnx.load(model_file), onnx.load(out))
+    assert listing(tmp_path) == {"model.onnx", "out.onnx", "r.json"}
+
+
+def test_fold_json_is_one_document(model_file, tmp_path, capsys):
+    assert main(["fold", str(model_file), "-o", str(tmp_path / "o.onnx"), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["batchnorm_total"] == 1
+    assert document["op_counts"]["after"] == {"Conv": 1}
+
+
+def test_dry_run_writes_nothing(model_file, tmp_path):
+    assert main(["fold", str(model_file), "--dry-run"]) == 0
+    assert listing(tmp_path) == {"model.onnx"}
+
+
+def test_several_inputs_to_out_dir_in_parallel(tmp_path, rng):
+    for name in ("a.onnx", "b.onnx"):
+        onnx.save(conv_bn(rng), tmp_path / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["fold", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--out-dir", str(out), "--jobs", "2"]) == 0
+    assert listing(out) == {"a.onnx", "b.onnx"}
+
+
+def test_in_place_replaces_atomically(model_file):
+    assert main(["fold", str(model_file), "--in-place"]) == 0
+    assert [n.op_type for n in onnx.load(model_file).graph.node] == ["Conv"]
+
+
+def test_exclude_node(model_file, tmp_path, capsys):
+    assert main(["fold", str(model_file), "-o", str(tmp_path / "o.onnx"), "--exclude-node", "bn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["left_by_reason"] == {"excluded-by-user": 1}
+
+
+def test_external_data_output(tmp_path, rng):
+    model_file = tmp_path / "big.onnx"
+    onnx.save(conv_bn(rng, channels_in=16, channels_out=32), model_file)
+    out = tmp_path / "ext.onnx"
+    assert main(["fold", str(model_file), "-o", str(out), "--external-data"]) == 0
+    assert (tmp_path / "ext.onnx.data").exists()
+    assert_same_function(onnx.load(model_file), onnx.load(out))
+
+
+def test_inspect_lists_decisions(model_file, capsys):
+    assert main(["inspect", str(model_file)]) == 0
+    out = capsys.readouterr().out
+    assert "bn" in out and "Conv conv" in out and "folded" in out
+    assert main(["inspect", str(model_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decisions"][0]["neighbour"] == "conv"
+
+
+def _bad_inputs(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "text.onnx").write_text("this is not a model\n" * 20)
+    bad = conv_bn(np.random.default_rng(0))
+    bad.graph.node[0].input[1] = "missing_weight"
+    onnx.save(bad, tmp_path / "invalid.onnx")
+    (tmp_path / "folder.onnx").mkdir()
+    return {"missing.onnx": "no such file", "empty.onnx": "empty", "text.onnx": "not an ONNX model",
+            "invalid.onnx": "checker rejects", "folder.onnx": "directory"}
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tmp_path, capsys):
+    for name, phrase in _bad_inputs(tmp_path).items():
+        assert main(["fold", str(tmp_path / name), "-o", str(tmp_path / "out.onnx")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("bnfold: error:") and phrase in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out.onnx").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_usage(model_file, tmp_path, capsys):
+    assert main(["fold", str(model_file)]) == 2
+    assert "no output given" in capsys.readouterr().err
+    assert main(["fold", str(model_file), "-o", str(model_file)]) == 2
+    assert "output is the input" in capsys.readouterr().err
+    assert main(["fold", str(model_file), str(model_file), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert main(["fold", str(model_file), "-o", str(tmp_path / "nope" / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["fold", str(model_file), "--out-dir", str(tmp_path / "nope")]) == 2
+    assert main(["fold"]) == 2
+
+
+def test_shim_and_console_script_run_without_traceback(tmp_path):
+    for command in ([sys.executable, str(ROOT / "cli.py")], [sys.executable, "-m", "bnfold"]):
+        result = subprocess.run(command + ["inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
+        assert result.returncode == 2
+        assert result.stderr.startswith("bnfold: error:") and "Traceback" not in result.stderr
