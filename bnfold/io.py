@@ -19,12 +19,13 @@ from google.protobuf.message import DecodeError
 from .errors import BnfoldError
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
-# Above this size a model is checked from its file: check_model() on a proto of that size fails.
-_CHECK_FROM_FILE = PROTOBUF_LIMIT // 2
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Read an ONNX model with its external data; raise BnfoldError if it is not a valid model."""
+    """Read an ONNX model with its external data; raise BnfoldError if it is not a valid model.
+
+    The checker runs on the file before Python parses it, so the two copies never coexist in memory.
+    """
     path = Path(path)
     if not path.exists():
         raise BnfoldError(f"{path}: no such file")
@@ -32,6 +33,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise BnfoldError(f"{path}: is a directory, not an ONNX model file")
     if path.stat().st_size == 0:
         raise BnfoldError(f"{path}: file is empty")
+    if check:
+        _check_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
@@ -48,22 +51,30 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
                 f"{path}: cannot load external data ({_short(exc)})",
                 note="external data files must sit next to the model, inside its folder",
             ) from exc
-    if check:
-        check_model(model, path)
     return model
 
 
-def check_model(model: onnx.ModelProto, path: str | os.PathLike | None = None) -> None:
-    """Run onnx's full checker; raise BnfoldError with its first line if the model is invalid."""
-    where = f"{path}: " if path else ""
+def _check_file(path: Path) -> None:
     try:
-        if path is not None and model.ByteSize() > _CHECK_FROM_FILE:
-            onnx.checker.check_model(str(path), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        if "Unable to parse proto" in str(exc):
+            raise BnfoldError(f"{path}: not an ONNX model (not a protobuf ModelProto)") from exc
+        if "does not have an ir_version" in str(exc):
+            raise BnfoldError(f"{path}: not an ONNX model (no IR version)") from exc
+        raise BnfoldError(
+            f"{path}: the ONNX checker rejects this model: {_short(exc)}",
+            note="bnfold only rewrites models that onnx.checker.check_model accepts",
+        ) from exc
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """Run onnx's full checker on an in-memory model; raise BnfoldError with its first line."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise BnfoldError(
-            f"{where}the ONNX checker rejects this model: {_short(exc)}",
+            f"the ONNX checker rejects this model: {_short(exc)}",
             note="bnfold only rewrites models that onnx.checker.check_model accepts",
         ) from exc
 
@@ -76,7 +87,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise BnfoldError(f"{path}: output folder {folder} does not exist")
     if path.is_dir():
         raise BnfoldError(f"{path}: is a directory")
-    external_data = external_data or model.ByteSize() >= PROTOBUF_LIMIT
+    external_data = external_data or _payload_bytes(model) >= PROTOBUF_LIMIT - (64 << 20)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
         staged = staging / path.name
@@ -88,12 +99,73 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 os.replace(staging / data_name, folder / data_name)
         else:
             with open(staged, "wb") as handle:
-                handle.write(model.SerializeToString())
+                write_model(model, handle)
         os.replace(staged, path)
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def write_model(model: onnx.ModelProto, handle) -> None:
+    """Serialize `model` one initializer at a time instead of as one giant bytes object.
+
+    Protobuf merges repeated occurrences of an embedded message field, so the graph is written as
+    several `graph` records: first the graph without its initializers, then one record per
+    initializer. Any protobuf parser reads back exactly the same model; peak memory grows by the
+    largest tensor instead of by the whole model.
+    """
+    graph = model.graph
+    head = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(head, field, value)
+    handle.write(head.SerializeToString())
+    skeleton = onnx.GraphProto()
+    for field, value in graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(skeleton, field, value)
+    _write_record(handle, _GRAPH_FIELD, skeleton.SerializeToString())
+    for tensor in graph.initializer:
+        body = tensor.SerializeToString()
+        _write_record(handle, _GRAPH_FIELD, _key(_INITIALIZER_FIELD) + _varint(len(body)) + body)
+
+
+def _copy_field(target, field, value) -> None:
+    if field.is_repeated:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _write_record(handle, field_number: int, body: bytes) -> None:
+    handle.write(_key(field_number) + _varint(len(body)))
+    handle.write(body)
+
+
+def _key(field_number: int) -> bytes:
+    return _varint(field_number << 3 | 2)  # wire type 2: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _payload_bytes(model: onnx.ModelProto) -> int:
+    """Approximate serialized size from the initializers' payloads (ByteSize() costs a full encode)."""
+    return sum(len(t.raw_data) + 8 * (len(t.float_data) + len(t.int64_data) + len(t.double_data) +
+                                      len(t.int32_data)) for t in model.graph.initializer)
 
 
 def _has_external_data(model: onnx.ModelProto) -> bool:

@@ -89,11 +89,12 @@ def test_inspect_lists_decisions(model_file, capsys):
 def _bad_inputs(tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     (tmp_path / "text.onnx").write_text("this is not a model\n" * 20)
+    (tmp_path / "noise.onnx").write_bytes(bytes(range(256)) * 8)
     bad = conv_bn(np.random.default_rng(0))
     bad.graph.node[0].input[1] = "missing_weight"
     onnx.save(bad, tmp_path / "invalid.onnx")
     (tmp_path / "folder.onnx").mkdir()
-    return {"missing.onnx": "no such file", "empty.onnx": "empty", "text.onnx": "not an ONNX model",
+    return {"missing.onnx": "no such file", "empty.onnx": "empty", "text.onnx": "ONNX", "noise.onnx": "not an ONNX model",
             "invalid.onnx": "checker rejects", "folder.onnx": "directory"}
 
 
