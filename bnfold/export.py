@@ -118,6 +118,7 @@ def export_model(model: str | Callable, out_path: str | os.PathLike, *,
                           note="choose another --opset, or the other --exporter")
     bn_nodes = _check_batchnorms(proto, bn_calls, exporter)
     check_model(proto)
+    _check_runs(proto, inputs, outputs, input_names, exporter)
     if reference is not None:
         arrays = _reference_arrays(module, inputs, input_names, output_names)
         write_npz(arrays, reference)
@@ -432,6 +433,33 @@ def _check_batchnorms(proto: onnx.ModelProto, bn_calls: int, exporter: str) -> i
                           note="try the other --exporter; bnfold wants every BatchNorm in the graph",
                           exit_code=EXIT_CHECK_FAILED)
     return inference
+
+
+def _check_runs(proto: onnx.ModelProto, inputs, outputs, input_names, exporter: str) -> None:
+    """Run the export once in onnxruntime and compare with torch: exporters do write wrong models.
+
+    The bound (1e-3 of the output's magnitude) is far above float32 rounding, which is ~1e-7 of it
+    on the samples, and far below the error of a wrong graph; it is a sanity check, not `verify`.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise BnfoldError(f"the {exporter} exporter wrote a model that onnxruntime cannot run: {first.strip()}",
+                          note="try the other --exporter", exit_code=EXIT_CHECK_FAILED) from exc
+    for index, (expected, actual) in enumerate(zip(outputs, got)):
+        expected = expected.numpy()
+        error = float(np.max(np.abs(actual - expected), initial=0.0))
+        if actual.shape != expected.shape or not error <= 1e-3 * (1.0 + float(np.max(np.abs(expected), initial=0.0))):
+            raise BnfoldError(f"the {exporter} exporter wrote a model whose output {index} differs from torch's "
+                              f"(shape {actual.shape} vs {expected.shape}, max abs error {error:.3g})",
+                              note="try the other --exporter", exit_code=EXIT_CHECK_FAILED)
 
 
 def count_batchnorm_nodes(model: onnx.ModelProto) -> int:

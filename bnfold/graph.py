@@ -220,6 +220,26 @@ class GraphIndex:
     def is_output(self, name: str) -> bool:
         return name in self.outputs
 
+    def metadata_readers(self, name: str) -> list[onnx.NodeProto]:
+        """Users that read only the dtype or shape of `name` (CastLike's target, Shape, Size): a BN's
+        input and output share both, so these readers never block a fold."""
+        return [node for node in self.consumers.get(name, [])
+                if all(_reads_type_only(node, i) or node.op_type in ("Shape", "Size")
+                       for i, source in enumerate(node.input) if source == name)
+                and name not in subgraph_names_used(node)]
+
+    def value_readers(self, name: str) -> list[onnx.NodeProto]:
+        """Users that read the values of `name`."""
+        metadata = self.metadata_readers(name)
+        return [node for node in self.consumers.get(name, []) if not any(node is m for m in metadata)]
+
+    def redirect_metadata_readers(self, old: str, new: str) -> None:
+        """Point readers of `old`'s dtype/shape at `new`, which has the same dtype and shape."""
+        for node in self.metadata_readers(old):
+            for i, source in enumerate(node.input):
+                if source == old:
+                    self.set_input(node, i, new)
+
     def only_consumer_is(self, name: str, node: onnx.NodeProto) -> bool:
         users = self.consumers.get(name, [])
         return len(users) == 1 and users[0] is node and not self.is_output(name)

@@ -535,7 +535,7 @@ def bisect_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, sample
     outputs of copies of both models, a chunk of about _BISECT_CHUNK_BYTES at a time, so that a large
     model never holds all its intermediate tensors at once.
     """
-    ref_types, cand_types = _tensor_types(reference), _tensor_types(candidate)
+    ref_types, cand_types = _tensor_types(reference, sample), _tensor_types(candidate, sample)
     ref_nodes, cand_nodes = _producers(reference), _producers(candidate)
     shared = [n for n in ref_nodes if n in cand_nodes]
     comparable = [n for n in shared if n in ref_types and n in cand_types
@@ -561,10 +561,21 @@ def _producers(model: onnx.ModelProto) -> dict[str, NodeRef]:
             for node in model.graph.node for out in node.output if out}
 
 
-def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto.Tensor]:
-    """Tensor types of the main graph's values, from shape inference where onnx can run it."""
+def _tensor_types(model: onnx.ModelProto, sample: Sample) -> dict[str, onnx.TypeProto.Tensor]:
+    """Tensor types of the main graph's values, inferred with the sample's input shapes.
+
+    Inferring from concrete input shapes gives concrete intermediate shapes, which size the chunks.
+    """
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    for value_info in concrete.graph.input:
+        if value_info.name in sample.feeds and value_info.type.HasField("tensor_type"):
+            shape = value_info.type.tensor_type.shape
+            shape.Clear()
+            for size in sample.feeds[value_info.name].shape:
+                shape.dim.add().dim_value = size
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(concrete, strict_mode=False)
     except Exception:  # custom domains, models over 2 GB...: fall back on the declared value_info
         inferred = model
     graph = inferred.graph
@@ -598,7 +609,7 @@ def _chunks(names: list[str], types: dict, sample: Sample) -> Iterator[list[str]
 
 
 def _estimated_bytes(tensor_type: onnx.TypeProto.Tensor, sample: Sample) -> int:
-    """Static dims as declared; a symbolic dim counts as the largest input dim of the sample."""
+    """Inferred dims; a dim still unknown counts as the largest input dim of the sample."""
     itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).itemsize
     largest = max((d for a in sample.feeds.values() for d in a.shape), default=1)
     dims = [d.dim_value if d.HasField("dim_value") else largest for d in tensor_type.shape.dim]

@@ -162,7 +162,7 @@ def single_consumer(index: GraphIndex, name: str, consumer: onnx.NodeProto, what
     """Refuse when another node or a graph output also reads `name` (the fold would change it)."""
     if index.is_output(name):
         raise Refusal("neighbour-output-is-graph-output", f"{what} output {name} is a graph output")
-    others = [n for n in index.users(name) if n is not consumer]
+    others = [n for n in index.value_readers(name) if n is not consumer]
     if others:
         listed = ", ".join(f"{n.op_type} {n.name!r}" for n in others[:3])
         raise Refusal("neighbour-has-other-consumers", f"{what} output {name} is also read by {listed}")

@@ -49,5 +49,6 @@ class ConvThenBN(FoldRule):
         conv, bn = match.neighbour, match.bn
         set_folded_input(index, conv, 1, plan.arrays[1], f"{conv.name or bn.name}_W_bnfold")
         set_folded_input(index, conv, 2, plan.arrays[2], f"{conv.name or bn.name}_B_bnfold")
+        index.redirect_metadata_readers(conv.output[0], bn.output[0])
         index.remove_node(bn)
         index.set_output(conv, 0, bn.output[0])

@@ -48,6 +48,7 @@ class GemmThenBN(FoldRule):
         set_folded_input(index, gemm, 1, plan.arrays[1], f"{gemm.name or bn.name}_B_bnfold")
         set_folded_input(index, gemm, 2, plan.arrays[2], f"{gemm.name or bn.name}_C_bnfold")
         set_attribute(gemm, "beta", plan.attributes["beta"])
+        index.redirect_metadata_readers(gemm.output[0], bn.output[0])
         index.remove_node(bn)
         index.set_output(gemm, 0, bn.output[0])
 
@@ -99,6 +100,7 @@ class MatMulThenBN(FoldRule):
         if add is not None:
             position = list(add.input).index(_bias_operand(add, matmul))
             set_folded_input(index, add, position, plan.bias, f"{add.name or bn.name}_B_bnfold")
+            index.redirect_metadata_readers(add.output[0], bn.output[0])
             index.remove_node(bn)
             index.set_output(add, 0, bn.output[0])
             return

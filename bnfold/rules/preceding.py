@@ -19,7 +19,7 @@ from .linear import set_attribute
 
 
 def _consumer(bn: onnx.NodeProto, index: GraphIndex, ops: tuple[str, ...]) -> onnx.NodeProto | None:
-    users = index.users(bn.output[0])
+    users = index.value_readers(bn.output[0])
     if len(users) == 1 and users[0].op_type in ops and users[0].domain in ("", "ai.onnx") \
             and users[0].input[0] == bn.output[0]:
         return users[0]
@@ -55,6 +55,7 @@ class BNThenConv(FoldRule):
         conv, bn = match.neighbour, match.bn
         set_folded_input(index, conv, 1, plan.arrays[1], f"{conv.name or bn.name}_W_bnfold")
         set_folded_input(index, conv, 2, plan.arrays[2], f"{conv.name or bn.name}_B_bnfold")
+        index.redirect_metadata_readers(bn.output[0], bn.input[0])
         index.remove_node(bn)
         index.set_input(conv, 0, bn.input[0])
 
@@ -118,6 +119,7 @@ class BNThenLinear(FoldRule):
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         node, bn = match.neighbour, match.bn
         set_folded_input(index, node, 1, plan.arrays[1], f"{node.name or bn.name}_W_bnfold")
+        index.redirect_metadata_readers(bn.output[0], bn.input[0])
         index.remove_node(bn)
         index.set_input(node, 0, bn.input[0])
         if node.op_type == "Gemm":
