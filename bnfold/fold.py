@@ -15,7 +15,8 @@ from typing import Iterable
 import onnx
 
 from .graph import GraphIndex, ModelContext, node_inputs
-from .io import load_model, save_model
+from .io import open_model, save_model
+from .mapped import MappedFile
 from .report import FOLDED, Decision, FoldReport, op_counts
 from .rules import RULES
 from .rules.base import Refusal, bn_mode_refusal
@@ -31,19 +32,26 @@ def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = ()) -> 
 def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None, *,
               exclude_nodes: Iterable[str] = (), dry_run: bool = False, external_data: bool = False) -> FoldReport:
     """Load, fold and atomically save a model. With dry_run nothing is written."""
-    model = load_model(input_path)
-    report = fold_in_place(model, exclude_nodes=exclude_nodes)
-    report.model = str(input_path)
-    if not dry_run and output_path is not None:
-        save_model(model, output_path, external_data=external_data)
+    model, source = open_model(input_path)
+    try:
+        report = fold_in_place(model, exclude_nodes=exclude_nodes, source=source)
+        report.model = str(input_path)
+        if not dry_run and output_path is not None:
+            save_model(model, output_path, external_data=external_data, source=source)
+    finally:
+        del model
+        if source is not None:
+            source.close()
     return report
 
 
-def fold_in_place(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = ()) -> FoldReport:
-    """Fold `model` itself (no copy): the fast path for files, where bnfold owns the loaded model."""
+def fold_in_place(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (),
+                  source: MappedFile | None = None) -> FoldReport:
+    """Fold `model` itself (no copy): the fast path for files, where bnfold owns the loaded model.
+    `source` is the mapped file that stub initializers point into (see bnfold.mapped)."""
     excluded = set(exclude_nodes)
     report = FoldReport(counts_before=op_counts(model))
-    context = ModelContext(model)
+    context = ModelContext(model, source)
     released: set[str] = set()
     _fold_graph(model.graph, context, None, "", excluded, report.decisions, released)
     _remove_leftovers(model, released)

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .mapped import MappedFile, is_stub
+
 # Ops whose output is a pure function of their inputs and attributes: a cone of these over constants
 # is a constant. Random ops, control flow and ops outside the default domain are never evaluated.
 _NOT_EVALUATED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
@@ -67,12 +69,19 @@ def node_inputs(node: onnx.NodeProto) -> set[str]:
 class ModelContext:
     """What all graphs of one model share: opsets, IR version, fresh-name source, inferred types."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, source: MappedFile | None = None):
         self.model = model
+        self.source = source
         self.opsets = {o.domain or "": o.version for o in model.opset_import}
         self.ir_version = model.ir_version
         self._names: set[str] | None = None
         self._inferred: dict[str, TensorType] | None = None
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """An initializer's values; stubs of a mapped file are read as zero-copy views."""
+        if is_stub(tensor):
+            return self.source.array(tensor)
+        return numpy_helper.to_array(tensor)
 
     @property
     def bn_opset(self) -> int:
@@ -121,7 +130,7 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, TensorType]:
     graph = _without_initializers(model.graph)
     declared = {v.name for v in graph.input}
     for tensor in model.graph.initializer:
-        if _payload_size(tensor) <= 4096:
+        if not is_stub(tensor) and _payload_size(tensor) <= 4096:
             graph.initializer.append(tensor)
         elif tensor.name not in declared:  # keep its type and shape as an input so inference sees it
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
@@ -273,7 +282,7 @@ class GraphIndex:
     def add_initializer(self, values: np.ndarray, base: str) -> str:
         """Store `values` as a new initializer under a fresh name (IR < 4 also lists it as an input)."""
         name = self.context.fresh_name(base)
-        tensor = numpy_helper.from_array(values, name)
+        tensor = tensor_from_array(values, name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = tensor
         if self.context.ir_version < 4 and self.parent is None:
@@ -284,7 +293,7 @@ class GraphIndex:
     def replace_initializer(self, name: str, values: np.ndarray) -> None:
         """Overwrite an initializer that only the folded node uses (caller checks exclusivity)."""
         tensor = self.initializers[name]
-        tensor.CopyFrom(numpy_helper.from_array(values, name))
+        tensor.CopyFrom(tensor_from_array(values, name))
         self._values.pop(name, None)
 
     # ----------------------------------------------------------------------------------- typing
@@ -318,11 +327,7 @@ class GraphIndex:
 
     def constant(self, name: str) -> np.ndarray:
         """The value of `name` if it is a compile-time constant, else raise NotConstant with a reason."""
-        if name in self._values:
-            return self._values[name]
-        value = self._resolve(name, depth=0)
-        self._values[name] = value
-        return value
+        return self._resolve(name, depth=0)
 
     def _resolve(self, name: str, depth: int) -> np.ndarray:
         if depth > 64:
@@ -332,8 +337,8 @@ class GraphIndex:
         if name in self.initializers:
             if self.is_overridable(name):
                 raise NotConstant("weights-overridable", f"initializer {name} is also a graph input")
-            value = numpy_helper.to_array(self.initializers[name])
-        elif name in self.producer:
+            return self.context.array(self.initializers[name])  # not cached: weights would pile up
+        if name in self.producer:
             value = self._evaluate(self.producer[name], name, depth)
         elif name in self.inputs:
             raise NotConstant("weights-not-constant", f"{name} is a graph input")
@@ -396,6 +401,14 @@ class GraphIndex:
             if np.asarray(output).nbytes > _LARGE_CONSTANT:
                 raise NotConstant("weights-not-constant", f"{node.op_type} {node.name!r} yields a huge constant")
         return [np.asarray(o) for o in outputs]
+
+
+def tensor_from_array(values: np.ndarray, name: str) -> onnx.TensorProto:
+    """A raw-data TensorProto of a float array (the fast path of numpy_helper.from_array)."""
+    elem_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    tensor = onnx.TensorProto(name=name, data_type=elem_type, dims=values.shape)
+    tensor.raw_data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
+    return tensor
 
 
 def _reads_type_only(node: onnx.NodeProto, index: int) -> bool:

@@ -132,7 +132,8 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     """`NAME=1x3x224x224` -> ("NAME", (1, 3, 224, 224)); `NAME=` is a scalar. Names may contain '='."""
     name, sep, dims = text.rpartition("=")
     if not sep or not name:
-        raise BnfoldError(f"--shape {text!r}: expected NAME=DIMS", note="for example --shape input=1x3x224x224")
+        raise BnfoldError(f"--shape {text!r}: expected NAME=DIMS",
+                          note="for example --shape input=1x3x224x224")
     if dims == "":
         return name, ()
     if not re.fullmatch(r"\d+(x\d+)*", dims):

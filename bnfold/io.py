@@ -17,6 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import BnfoldError
+from .mapped import MappedFile, is_stub, load_mapped, record, record_prefix
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
 
@@ -27,6 +28,26 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     The checker runs on the file before Python parses it, so the two copies never coexist in memory.
     """
     path = Path(path)
+    _validate_file(path, check)
+    return _parse(path)
+
+
+def open_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, MappedFile | None]:
+    """Like load_model, but large initializers stay in the mapped file (see bnfold.mapped) unless
+    the model uses external data. Close the returned MappedFile after saving."""
+    path = Path(path)
+    _validate_file(path, check=True)
+    try:
+        model, source = load_mapped(path)
+    except (OSError, ValueError, DecodeError):
+        return _parse(path), None
+    if _has_external_data(model, ignore_stubs=True):
+        source.close()
+        return _parse(path), None
+    return model, source
+
+
+def _validate_file(path: Path, check: bool) -> None:
     if not path.exists():
         raise BnfoldError(f"{path}: no such file")
     if path.is_dir():
@@ -35,6 +56,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         raise BnfoldError(f"{path}: file is empty")
     if check:
         _check_file(path)
+
+
+def _parse(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
@@ -79,19 +103,22 @@ def check_model(model: onnx.ModelProto) -> None:
         ) from exc
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False) -> None:
-    """Write `model` to `path` atomically; use external data if asked or if it is too large."""
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
+               source: MappedFile | None = None) -> None:
+    """Write `model` to `path` atomically; use external data if asked or if it is too large.
+    `source` is the mapped input file that the model's stubs (see bnfold.mapped) point into."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BnfoldError(f"{path}: output folder {folder} does not exist")
     if path.is_dir():
         raise BnfoldError(f"{path}: is a directory")
-    external_data = external_data or _payload_bytes(model) >= PROTOBUF_LIMIT - (64 << 20)
+    external_data = external_data or _payload_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
         staged = staging / path.name
         if external_data:
+            _materialize_stubs(model, source)
             data_name = f"{path.name}.data"
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
@@ -99,7 +126,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 os.replace(staging / data_name, folder / data_name)
         else:
             with open(staged, "wb") as handle:
-                write_model(model, handle)
+                write_model(model, handle, source)
         os.replace(staged, path)
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
@@ -111,13 +138,13 @@ _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 
 
-def write_model(model: onnx.ModelProto, handle) -> None:
+def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None) -> None:
     """Serialize `model` one initializer at a time instead of as one giant bytes object.
 
     Protobuf merges repeated occurrences of an embedded message field, so the graph is written as
     several `graph` records: first the graph without its initializers, then one record per
     initializer. Any protobuf parser reads back exactly the same model; peak memory grows by the
-    largest tensor instead of by the whole model.
+    largest tensor instead of by the whole model. Unchanged stubs are copied from `source` as bytes.
     """
     graph = model.graph
     head = onnx.ModelProto()
@@ -129,10 +156,17 @@ def write_model(model: onnx.ModelProto, handle) -> None:
     for field, value in graph.ListFields():
         if field.name != "initializer":
             _copy_field(skeleton, field, value)
-    _write_record(handle, _GRAPH_FIELD, skeleton.SerializeToString())
+    handle.write(record(_GRAPH_FIELD, skeleton.SerializeToString()))
     for tensor in graph.initializer:
-        body = tensor.SerializeToString()
-        _write_record(handle, _GRAPH_FIELD, _key(_INITIALIZER_FIELD) + _varint(len(body)) + body)
+        if is_stub(tensor):
+            if source is None:
+                raise ValueError(f"initializer {tensor.name} is a stub of a mapped file that is not given")
+            body = source.body(tensor)
+        else:
+            body = tensor.SerializeToString()
+        inner = record_prefix(_INITIALIZER_FIELD, len(body))
+        handle.write(record_prefix(_GRAPH_FIELD, len(inner) + len(body)) + inner)
+        handle.write(body)  # large: written as is, never concatenated
 
 
 def _copy_field(target, field, value) -> None:
@@ -144,32 +178,26 @@ def _copy_field(target, field, value) -> None:
         setattr(target, field.name, value)
 
 
-def _write_record(handle, field_number: int, body: bytes) -> None:
-    handle.write(_key(field_number) + _varint(len(body)))
-    handle.write(body)
+def _materialize_stubs(model: onnx.ModelProto, source: MappedFile | None) -> None:
+    for tensor in model.graph.initializer:
+        if is_stub(tensor):
+            tensor.CopyFrom(source.tensor(tensor))
 
 
-def _key(field_number: int) -> bytes:
-    return _varint(field_number << 3 | 2)  # wire type 2: length-delimited
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _payload_bytes(model: onnx.ModelProto) -> int:
+def _payload_bytes(model: onnx.ModelProto, source: MappedFile | None) -> int:
     """Approximate serialized size from the initializers' payloads (ByteSize() costs a full encode)."""
-    return sum(len(t.raw_data) + 8 * (len(t.float_data) + len(t.int64_data) + len(t.double_data) +
-                                      len(t.int32_data)) for t in model.graph.initializer)
+    total = 0
+    for t in model.graph.initializer:
+        if is_stub(t):
+            total += source.size(t) if source is not None else 0
+        else:
+            total += len(t.raw_data) + 8 * (len(t.float_data) + len(t.int64_data) + len(t.double_data) +
+                                            len(t.int32_data))
+    return total
 
 
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(onnx.external_data_helper.uses_external_data(t)
+def _has_external_data(model: onnx.ModelProto, ignore_stubs: bool = False) -> bool:
+    return any(onnx.external_data_helper.uses_external_data(t) and not (ignore_stubs and is_stub(t))
                for t in onnx.external_data_helper._get_all_tensors(model))
 
 

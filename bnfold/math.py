@@ -32,21 +32,22 @@ def _per_axis(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 
 def fold_after_conv(weight, bias, scale, shift) -> tuple[np.ndarray, np.ndarray]:
     """Conv then BN: output channels are weight axis 0 ([M, C/g, k...]) whatever the group count."""
-    weight = np.asarray(weight, dtype=np.float64)
-    bias = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
-    return weight * _per_axis(scale, 0, weight.ndim), bias * scale + shift
+    new_weight = np.array(weight, dtype=np.float64)  # a copy, scaled in place: one float64 buffer
+    new_weight *= _per_axis(scale, 0, new_weight.ndim)
+    bias = np.zeros(new_weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return new_weight, bias * scale + shift
 
 
 def fold_after_conv_transpose(weight, bias, scale, shift, groups: int) -> tuple[np.ndarray, np.ndarray]:
     """ConvTranspose then BN: weight is [C_in, C_out/g, k...]; output channel g*(C_out/g)+j of group
     g is column j of the rows of that group, so scale is applied per (group, column) pair."""
-    weight = np.asarray(weight, dtype=np.float64)
-    c_in, c_out_per_group = weight.shape[0], weight.shape[1]
-    grouped = weight.reshape(groups, c_in // groups, c_out_per_group, *weight.shape[2:])
-    factors = scale.reshape(groups, 1, c_out_per_group, *([1] * (weight.ndim - 2)))
+    new_weight = np.array(weight, dtype=np.float64)
+    c_in, c_out_per_group = new_weight.shape[0], new_weight.shape[1]
+    grouped = new_weight.reshape(groups, c_in // groups, c_out_per_group, *new_weight.shape[2:])
+    grouped *= scale.reshape(groups, 1, c_out_per_group, *([1] * (new_weight.ndim - 2)))
     c_out = groups * c_out_per_group
     bias = np.zeros(c_out) if bias is None else np.asarray(bias, dtype=np.float64)
-    return (grouped * factors).reshape(weight.shape), bias * scale + shift
+    return new_weight, bias * scale + shift
 
 
 def fold_after_gemm(b_matrix, c, scale, shift, trans_b: bool, beta: float) -> tuple[np.ndarray, np.ndarray]:

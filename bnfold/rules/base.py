@@ -147,15 +147,16 @@ def weight_dtype(index: GraphIndex, name: str, what: str) -> np.dtype:
 
 
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
-    """Round float64 results once to the weight's dtype; refuse if that overflows to inf."""
+    """Round float64 results once to the weight's dtype; refuse if that is not finite (an inf or NaN
+    in float64 stays one after the cast, so one check on the result covers both)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = values.astype(dtype)
+    if np.isfinite(cast).all():
+        return cast
     if not np.isfinite(values).all():
         raise Refusal("dtype-overflow", f"folded {what} are not finite in float64")
-    with np.errstate(over="ignore"):
-        cast = values.astype(dtype)
-    if not np.isfinite(cast.astype(np.float64)).all():
-        bad = int((~np.isfinite(cast.astype(np.float64))).sum())
-        raise Refusal("dtype-overflow", f"{bad} folded {what} value(s) overflow {dtype.name}")
-    return cast
+    bad = int((~np.isfinite(cast)).sum())
+    raise Refusal("dtype-overflow", f"{bad} folded {what} value(s) overflow {dtype.name}")
 
 
 def single_consumer(index: GraphIndex, name: str, consumer: onnx.NodeProto, what: str) -> None:

@@ -1,0 +1,173 @@
+"""Models whose large initializers stay in the memory-mapped input file until a fold changes them.
+
+Folding touches the BN parameters and the weights next to them; everything else only needs to be
+copied to the output. So the file is mapped, its protobuf wire format is walked just deep enough to
+find each initializer of the main graph, and every initializer with a large ``raw_data`` payload is
+parsed as a *stub*: its name, dtype, dims and other fields, without the payload, marked with a
+``data_location = EXTERNAL`` entry that points back into the mapped file. Values are read as
+zero-copy numpy views; on save, an unchanged stub is written as the original bytes of its record.
+The loaded ModelProto therefore costs a fraction of the model's size, and saving copies bytes
+instead of re-encoding them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+import onnx
+
+MARK = "bnfold:mapped"  # external_data location of a stub; never written to a file
+_STUB_MIN_BYTES = 1024  # smaller payloads are parsed normally
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_DATA_LOCATION = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_location"].number
+
+
+class MappedFile:
+    """An open, read-only mapping of a model file; stubs refer to byte spans inside it."""
+
+    def __init__(self, path: str | os.PathLike):
+        with open(path, "rb") as handle:
+            self.buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def close(self) -> None:
+        try:
+            self.buffer.close()
+        except BufferError:  # a numpy view is still alive; the mapping closes when it is collected
+            pass
+
+    def body(self, stub: onnx.TensorProto) -> memoryview:
+        """The serialized TensorProto of an unchanged stub, as it is in the file."""
+        start, end = _span(stub, "record")
+        return memoryview(self.buffer)[start:end]
+
+    def size(self, stub: onnx.TensorProto) -> int:
+        start, end = _span(stub, "record")
+        return end - start
+
+    def array(self, stub: onnx.TensorProto) -> np.ndarray:
+        """The stub's values as a read-only view of the mapped file."""
+        start, end = _span(stub, "data")
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(stub.data_type)).newbyteorder("<")
+        return np.frombuffer(self.buffer, dtype=dtype, count=(end - start) // dtype.itemsize,
+                             offset=start).reshape(tuple(stub.dims))
+
+    def tensor(self, stub: onnx.TensorProto) -> onnx.TensorProto:
+        """A complete TensorProto for a stub (payload included)."""
+        full = onnx.TensorProto()
+        full.ParseFromString(self.body(stub).tobytes())
+        return full
+
+
+def is_stub(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == MARK for e in tensor.external_data)
+
+
+def _span(stub: onnx.TensorProto, kind: str) -> tuple[int, int]:
+    entries = {e.key: e.value for e in stub.external_data}
+    return int(entries[f"{kind}_start"]), int(entries[f"{kind}_end"])
+
+
+def load_mapped(path: str | os.PathLike) -> tuple[onnx.ModelProto, MappedFile]:
+    """Parse `path` with the main graph's large initializers left in the file as stubs."""
+    source = MappedFile(path)
+    buffer = source.buffer
+    head = bytearray()
+    graph = bytearray()
+    for field, wire, start, end, at in _fields(buffer, 0, len(buffer)):
+        if field == _GRAPH and wire == 2:
+            graph += _graph_skeleton(buffer, start, end)
+        else:
+            head += buffer[at:end]
+    model = onnx.ModelProto()
+    model.ParseFromString(bytes(head) + record(_GRAPH, bytes(graph)))
+    return model, source
+
+
+def _graph_skeleton(buffer, start: int, end: int) -> bytearray:
+    out = bytearray()
+    for field, wire, value_start, value_end, at in _fields(buffer, start, end):
+        stub = _stub(buffer, value_start, value_end) if field == _INITIALIZER and wire == 2 else None
+        out += record(_INITIALIZER, stub.SerializeToString()) if stub is not None else buffer[at:value_end]
+    return out
+
+
+def _stub(buffer, start: int, end: int) -> onnx.TensorProto | None:
+    """The tensor at buffer[start:end] without its raw_data, or None if it is small or not raw."""
+    header = bytearray()
+    data = None
+    for field, wire, value_start, value_end, at in _fields(buffer, start, end):
+        if field == _RAW_DATA and wire == 2:
+            data = (value_start, value_end)
+        elif field == _DATA_LOCATION and buffer[value_start] != 0:
+            return None  # already external
+        else:
+            header += buffer[at:value_end]
+    if data is None or data[1] - data[0] < _STUB_MIN_BYTES:
+        return None
+    stub = onnx.TensorProto()
+    stub.ParseFromString(bytes(header))
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", MARK), ("record_start", start), ("record_end", end),
+                       ("data_start", data[0]), ("data_end", data[1])):
+        entry = stub.external_data.add()
+        entry.key, entry.value = key, str(value)
+    return stub
+
+
+def _fields(buffer, start: int, end: int):
+    """Yield (field number, wire type, value start, value end, record start) of a message."""
+    pos = start
+    while pos < end:
+        at = pos
+        key, pos = _varint(buffer, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, value_end = _varint(buffer, pos)
+        elif wire == 1:
+            value_end = pos + 8
+        elif wire == 2:
+            length, pos = _varint(buffer, pos)
+            value_end = pos + length
+        elif wire == 5:
+            value_end = pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if value_end > end:
+            raise ValueError("truncated protobuf message")
+        yield field, wire, pos, value_end, at
+        pos = value_end
+
+
+def _varint(buffer, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buffer[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def record(field: int, body: bytes) -> bytes:
+    """A length-delimited protobuf record: key, length, body."""
+    return record_prefix(field, len(body)) + body
+
+
+def record_prefix(field: int, length: int) -> bytes:
+    """The key and length that precede a length-delimited record's body."""
+    return _encode_varint(field << 3 | 2) + _encode_varint(length)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
