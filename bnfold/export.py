@@ -97,31 +97,15 @@ def export_model(model: str | Callable, out_path: str | os.PathLike, *,
     for target in (out_path, reference):
         if target is not None:
             _check_target(target)
-    factory, default_shapes = _resolve(model)
-    shapes = _check_shapes(input_shapes or default_shapes, model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = _build(factory, model)
-    if randomize_bn:
-        randomize_batchnorm(module, seed)
-    generator = torch.Generator().manual_seed(seed)
-    inputs = tuple(torch.randn(shape, generator=generator) for shape in shapes)
+    module, inputs = _prepare(torch, model, input_shapes, randomize_bn, seed)
     input_names = _names("input", len(inputs))
     bn_calls, outputs = _count_batchnorm_calls(torch, module, inputs)
     output_names = _names("output", len(outputs))
     proto = _export(torch, module, inputs, input_names, output_names, opset, exporter, dynamic_batch)
     _strip_stack_traces(proto)
-    got_opset = _default_opset(proto)
-    if got_opset != opset:
-        raise BnfoldError(f"the {exporter} exporter of torch {torch.__version__} cannot write opset {opset} "
-                          f"(it wrote opset {got_opset})",
-                          note="choose another --opset, or the other --exporter")
-    bn_nodes = _check_batchnorms(proto, bn_calls, exporter)
-    check_model(proto)
-    _check_runs(proto, inputs, outputs, input_names, exporter)
+    bn_nodes = _check_export(proto, opset, exporter, bn_calls, inputs, outputs, input_names)
     if reference is not None:
-        arrays = _reference_arrays(module, inputs, input_names, output_names)
-        write_npz(arrays, reference)
+        write_npz(_reference_arrays(module, inputs, input_names, output_names), reference)
     save_model(proto, out_path)
     return ExportResult(out_path, reference, exporter, opset, tuple(input_names), tuple(output_names),
                         bn_calls, bn_nodes)
@@ -178,6 +162,11 @@ def write_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> None:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def count_batchnorm_nodes(model: onnx.ModelProto) -> int:
+    """How many BatchNormalization nodes a model holds, subgraphs (If/Loop/Scan bodies) included."""
+    return sum(n.op_type == "BatchNormalization" for n in _all_nodes(model.graph))
 
 
 # ------------------------------------------------------------------------------- arguments and model
@@ -282,6 +271,19 @@ def _build(factory: Callable, model) -> object:
     if not isinstance(module, torch.nn.Module):
         raise BnfoldError(f"{_label(model)} returned {type(module).__name__}, not a torch.nn.Module")
     return module.eval()
+
+
+def _prepare(torch, model, input_shapes, randomize_bn: bool, seed: int):
+    """The eval-mode module (weights seeded, BN randomized if asked) and its seeded float32 inputs."""
+    factory, default_shapes = _resolve(model)
+    shapes = _check_shapes(input_shapes or default_shapes, model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = _build(factory, model)
+    if randomize_bn:
+        randomize_batchnorm(module, seed)
+    generator = torch.Generator().manual_seed(seed)
+    return module, tuple(torch.randn(shape, generator=generator) for shape in shapes)
 
 
 def _check_shapes(shapes, model) -> list[tuple[int, ...]]:
@@ -422,7 +424,21 @@ def _default_opset(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-# ------------------------------------------------------------------------------------ the BN check
+# ----------------------------------------------------------------------------- checking the export
+def _check_export(proto, opset: int, exporter: str, bn_calls: int, inputs, outputs, input_names) -> int:
+    """Opset as asked, every BN kept, checker passes, output as torch's; the kept BN count."""
+    import torch
+
+    written = _default_opset(proto)
+    if written != opset:  # the dynamo exporter silently keeps opset 18 when its converter fails
+        raise BnfoldError(f"the {exporter} exporter of torch {torch.__version__} cannot write opset {opset} "
+                          f"(it wrote opset {written})", note="choose another --opset, or the other --exporter")
+    bn_nodes = _check_batchnorms(proto, bn_calls, exporter)
+    check_model(proto)
+    _check_runs(proto, inputs, outputs, input_names, exporter)
+    return bn_nodes
+
+
 def _check_batchnorms(proto: onnx.ModelProto, bn_calls: int, exporter: str) -> int:
     """Count inference BatchNormalization nodes; fail if the exporter dropped (folded) any."""
     nodes = [n for n in _all_nodes(proto.graph) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
@@ -460,11 +476,6 @@ def _check_runs(proto: onnx.ModelProto, inputs, outputs, input_names, exporter: 
             raise BnfoldError(f"the {exporter} exporter wrote a model whose output {index} differs from torch's "
                               f"(shape {actual.shape} vs {expected.shape}, max abs error {error:.3g})",
                               note="try the other --exporter", exit_code=EXIT_CHECK_FAILED)
-
-
-def count_batchnorm_nodes(model: onnx.ModelProto) -> int:
-    """How many BatchNormalization nodes a model holds, subgraphs (If/Loop/Scan bodies) included."""
-    return sum(n.op_type == "BatchNormalization" for n in _all_nodes(model.graph))
 
 
 def _is_inference(node: onnx.NodeProto, opset: int) -> bool:

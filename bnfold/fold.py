@@ -65,6 +65,7 @@ def _fold_graph(graph: onnx.GraphProto, context: ModelContext, parent: GraphInde
     for node in list(graph.node):
         if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
             decisions.append(_fold_one(node, index, excluded, path))
+            context.release_reads()
     released |= index.released
     for node in list(graph.node):  # subgraphs see this graph's (already folded) tensors as outer scope
         for attr in node.attribute:

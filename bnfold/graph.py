@@ -72,6 +72,7 @@ class ModelContext:
     def __init__(self, model: onnx.ModelProto, source: MappedFile | None = None):
         self.model = model
         self.source = source
+        self._read_spans: list[tuple[int, int]] = []
         self.opsets = {o.domain or "": o.version for o in model.opset_import}
         self.ir_version = model.ir_version
         self._names: set[str] | None = None
@@ -80,8 +81,15 @@ class ModelContext:
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """An initializer's values; stubs of a mapped file are read as zero-copy views."""
         if is_stub(tensor):
+            self._read_spans.append(self.source.span(tensor))
             return self.source.array(tensor)
         return numpy_helper.to_array(tensor)
+
+    def release_reads(self) -> None:
+        """Let the pages of the stubs read so far leave memory (see MappedFile.release)."""
+        for span in self._read_spans:
+            self.source.release(span)
+        self._read_spans.clear()
 
     @property
     def bn_opset(self) -> int:

@@ -167,6 +167,9 @@ def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None
         inner = record_prefix(_INITIALIZER_FIELD, len(body))
         handle.write(record_prefix(_GRAPH_FIELD, len(inner) + len(body)) + inner)
         handle.write(body)  # large: written as is, never concatenated
+        if is_stub(tensor):
+            del body
+            source.release(source.span(tensor))
 
 
 def _copy_field(target, field, value) -> None:

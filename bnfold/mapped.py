@@ -44,6 +44,20 @@ class MappedFile:
         start, end = _span(stub, "record")
         return memoryview(self.buffer)[start:end]
 
+    def span(self, stub: onnx.TensorProto) -> tuple[int, int]:
+        return _span(stub, "record")
+
+    def release(self, span: tuple[int, int]) -> None:
+        """Drop a stub's pages from this process's memory (they are re-read from the page cache if
+        used again): after a weight is folded or written, its old bytes need not stay resident."""
+        start, end = span
+        page = mmap.PAGESIZE
+        first = start - start % page
+        try:
+            self.buffer.madvise(mmap.MADV_DONTNEED, first, end - first)
+        except (AttributeError, OSError, ValueError):  # not on every platform; only a memory saving
+            pass
+
     def size(self, stub: onnx.TensorProto) -> int:
         start, end = _span(stub, "record")
         return end - start
