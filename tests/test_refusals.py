@@ -212,3 +212,53 @@ def test_excluded_by_user(rng):
     folded, report = fold_model(model, exclude_nodes=["bn"])
     assert report.decisions[0].reason == "excluded-by-user"
     assert op_types(folded) == op_types(model)
+
+
+def test_opset1_bn_with_consumed_inputs_folds(rng):
+    """Opset 1 BN: `consumed_inputs` is required and `is_test` defaults to training."""
+    inits = [numpy_helper.from_array(rng.normal(size=(6, 4, 3, 3)).astype(np.float32), "W")]
+    inits += bn_initializers(bn_stats(rng, 6), np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             bn_node("c", "y", epsilon=1e-3, is_test=1, consumed_inputs=[0, 0, 0, 1, 1])]
+    inputs = [tensor("x", np.float32, [2, 4, 7, 7])]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in inits]  # IR 3 lists them
+    model = make_model(nodes, inputs, [tensor("y", np.float32, [2, 6, 5, 5])], inits, opset=1, ir_version=3)
+    folded, report = fold_model(model)
+    assert report.folded == 1
+    # No runtime implements BN-1: the oracle is the BN formula in numpy over the reference's Conv.
+    conv_only = make_model(nodes[:1], inputs, [tensor("c", np.float32, [2, 6, 5, 5])], inits, opset=1, ir_version=3)
+    feeds = {"x": rng.normal(size=(2, 4, 7, 7)).astype(np.float32)}
+    conv = run_reference(conv_only, feeds)["c"].astype(np.float64)
+    p = {t.name[3:]: numpy_helper.to_array(t).astype(np.float64)[None, :, None, None] for t in inits[1:]}
+    expected = p["scale"] * (conv - p["mean"]) / np.sqrt(p["var"] + 1e-3) + p["B"]
+    np.testing.assert_allclose(run_reference(folded, feeds)["y"], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_gemm_folds_and_rounds_once(rng):
+    import ml_dtypes
+    bf16 = ml_dtypes.bfloat16
+    stats = bn_stats(rng, 6)
+    b_matrix = rng.normal(size=(4, 6)).astype(bf16)
+    inits = [numpy_helper.from_array(b_matrix, "B"), numpy_helper.from_array(np.zeros(6, bf16), "C")]
+    inits += bn_initializers(stats, bf16)
+    nodes = [helper.make_node("Gemm", ["x", "B", "C"], ["g"], name="gemm"), bn_node("g", "y")]
+    inputs = [helper.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, [3, 4])]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.BFLOAT16, [3, 6])]
+    model = make_model(nodes, inputs, outputs, inits, opset=15)
+    folded, report = fold_model(model)
+    assert report.folded == 1
+    new_b = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}[folded.graph.node[0].input[1]]
+    gamma, beta, mean, var = (stats[k].astype(bf16).astype(np.float64) for k in ("scale", "B", "mean", "var"))
+    exact = b_matrix.astype(np.float64) * (gamma / np.sqrt(var + 1e-5))[None, :]
+    assert new_b.dtype == bf16
+    np.testing.assert_array_equal(new_b.astype(np.float64), exact.astype(bf16).astype(np.float64))
+
+
+def test_float16_weights_are_the_float64_result_rounded_once(rng):
+    model = conv_bn(rng, dtype=np.float16)
+    folded, _ = fold_model(model)
+    old = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    gamma, var = old["bn_scale"].astype(np.float64), old["bn_var"].astype(np.float64)
+    exact = old["W"].astype(np.float64) * (gamma / np.sqrt(var + 1e-5))[:, None, None, None]
+    np.testing.assert_array_equal(new[folded.graph.node[0].input[1]], exact.astype(np.float16))
