@@ -80,3 +80,19 @@ def test_bn_output_name_survives_as_graph_output(rng):
     folded, _ = fold_model(model)
     assert [o.name for o in folded.graph.output] == ["y"]
     assert folded.graph.node[0].output[0] == "y"
+
+
+def test_dtype_only_reader_of_bn_output_does_not_block_a_forward_fold(rng):
+    """torch's dynamo exporter casts a Conv's zero bias like the Conv's input: when that input is a
+    BN output, the CastLike reads only its dtype, and the BN must still fold into the Conv."""
+    from tests.builders import bn_initializers, bn_node, bn_stats, tensor
+    inits = bn_initializers(bn_stats(rng, 4), np.float32)
+    inits += [numpy_helper.from_array(rng.normal(size=(6, 4, 1, 1)).astype(np.float32), "W"),
+              numpy_helper.from_array(np.zeros(6, np.float64), "zeros")]
+    nodes = [bn_node("x", "bn_out"), helper.make_node("CastLike", ["zeros", "bn_out"], ["bias"], name="castlike"),
+             helper.make_node("Conv", ["bn_out", "W", "bias"], ["y"], name="conv")]
+    model = make_model(nodes, [tensor("x", np.float32, [2, 4, 5, 5])], [tensor("y", np.float32, None)], inits)
+    folded, report = fold_model(model)
+    assert report.folded == 1 and report.decisions[0].rule == "bn-conv"
+    assert op_types(folded) == ["Conv"]
+    assert_same_function(model, folded)
