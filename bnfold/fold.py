@@ -14,7 +14,7 @@ from typing import Iterable
 
 import onnx
 
-from .graph import GraphIndex, ModelContext, node_inputs
+from .graph import GraphIndex, ModelContext, all_graphs, node_inputs
 from .io import open_model, save_model
 from .mapped import MappedFile
 from .report import FOLDED, Decision, FoldReport, op_counts
@@ -123,7 +123,7 @@ def _neighbourhood(bn: onnx.NodeProto, index: GraphIndex) -> str:
 # ------------------------------------------------------------------------------------- cleanup
 def _remove_leftovers(model: onnx.ModelProto, released: set[str]) -> None:
     """Remove nodes and initializers that only fed what a fold disconnected; keep everything else."""
-    graphs = list(_all_graphs(model.graph))
+    graphs = list(all_graphs(model.graph))
     uses: Counter = Counter()
     for graph in graphs:
         for node in graph.node:
@@ -154,14 +154,6 @@ def _remove_leftovers(model: onnx.ModelProto, released: set[str]) -> None:
         _drop(graph.value_info, lambda v: v.name in dead and v.name not in producers)
         if model.ir_version < 4 and graph is model.graph:  # IR 3 lists every initializer as an input
             _drop(graph.input, lambda v: v.name in removed)
-
-
-def _all_graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _all_graphs(sub)
 
 
 def _delete(repeated, item) -> None:

@@ -40,13 +40,30 @@ class TensorType:
     shape: tuple | None  # dims as int or str (symbolic) or None (unknown); None when rank unknown
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies of a node's graph attributes (If branches, Loop and Scan bodies)."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+def all_graphs(graph: onnx.GraphProto):
+    """`graph` and every graph nested in it, outermost first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
 def subgraph_names_used(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from enclosing scopes (implicit inputs)."""
     used: set[str] = set()
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []):
-            used |= _outer_names(sub)
+    for sub in subgraphs(node):
+        used |= _outer_names(sub)
     return used
 
 
@@ -115,19 +132,14 @@ class ModelContext:
 
 
 def _collect_names(graph: onnx.GraphProto, names: set[str]) -> None:
-    names.update(t.name for t in graph.initializer)
-    names.update(v.name for v in graph.input)
-    names.update(v.name for v in graph.output)
-    for node in graph.node:
-        names.add(node.name)
-        names.update(node.input)
-        names.update(node.output)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _collect_names(attr.g, names)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _collect_names(sub, names)
+    for g in all_graphs(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in g.input)
+        names.update(v.name for v in g.output)
+        for node in g.node:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
 
 
 def _infer_types(model: onnx.ModelProto) -> dict[str, TensorType]:
@@ -168,17 +180,11 @@ def _payload_size(tensor: onnx.TensorProto) -> int:
 
 
 def _harvest_types(graph: onnx.GraphProto, types: dict[str, TensorType]) -> None:
-    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
-        tt = _value_info_type(info)
-        if tt is not None:
-            types.setdefault(info.name, tt)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _harvest_types(attr.g, types)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    _harvest_types(sub, types)
+    for g in all_graphs(graph):
+        for info in list(g.input) + list(g.output) + list(g.value_info):
+            tt = _value_info_type(info)
+            if tt is not None:
+                types.setdefault(info.name, tt)
 
 
 def _value_info_type(info: onnx.ValueInfoProto) -> TensorType | None:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
+from .graph import all_graphs
+
 FOLDED = "folded"
 # Every reason code bnfold can give, with its meaning; stable strings, never reused.
 REASONS = {
@@ -80,17 +82,8 @@ class FoldReport:
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Op types counted over the main graph and every subgraph."""
-    counts: Counter = Counter()
-    _count(model.graph, counts)
+    counts = Counter(node.op_type for graph in all_graphs(model.graph) for node in graph.node)
     return dict(sorted(counts.items()))
-
-
-def _count(graph: onnx.GraphProto, counts: Counter) -> None:
-    for node in graph.node:
-        counts[node.op_type] += 1
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                _count(sub, counts)
 
 
 def summary_table(report: FoldReport):
