@@ -2,7 +2,8 @@
 
     python sample_models/make_models.py                 # every committed file, into sample_models/
     python sample_models/make_models.py --out-dir DIR   # the same files into DIR (to compare)
-    python sample_models/make_models.py --large OUT.onnx   # full-width ResNet-50 (~100 MB), never committed
+    python sample_models/make_models.py --large OUT.onnx [--reference OUT.npz]
+                                                        # full-width ResNet-50 (~100 MB), never committed
 
 Every file comes from ``bnfold export`` with randomized BatchNorm statistics and seed 0, so the same
 torch version writes the same bytes. Each model ``X.onnx`` has its reference ``X.npz`` next to it
@@ -77,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="write only the full-width ResNet-50 (~100 MB) to OUT.onnx")
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                         help="exporter for --large (default dynamo)")
+    parser.add_argument("--reference", type=Path, metavar="FILE.npz",
+                        help="with --large: also write the float64 reference")
     args = parser.parse_args(argv)
     try:
         if args.large:
-            result = export_model("resnet50", args.large, exporter=args.exporter, randomize_bn=True, seed=SEED)
+            result = export_model("resnet50", args.large, exporter=args.exporter, randomize_bn=True, seed=SEED,
+                                  reference=args.reference)
             print(result.summary())
             return 0
         entries = [e for e in COMMITTED if not args.only or e.stem in args.only]

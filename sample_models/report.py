@@ -106,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", type=Path, help="models to measure (default: the committed ones)")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON document")
     args = parser.parse_args(argv)
-    rows = [measure(path) for path in args.models or committed_models()]
+    paths = args.models or committed_models()
+    missing = [str(p.with_suffix(".npz")) for p in paths if not p.with_suffix(".npz").is_file()]
+    if missing:
+        print(f"report: error: no reference file {', '.join(missing)} (make one with bnfold export --reference)",
+              file=sys.stderr)
+        return 2
+    rows = [measure(path) for path in paths]
     print(json.dumps([asdict(r) for r in rows], indent=2) if args.json else markdown(rows))
     return 0
 
