@@ -189,10 +189,12 @@ def plan_shapes(specs: list[InputSpec], user: Mapping[str, tuple[int, ...]]) -> 
             for want, got in zip(spec.dims or (), user[spec.name]):
                 if isinstance(want, str):
                     bound.setdefault(want, got)
-    free_batch = any(_is_free_batch(s, user, bound) for s in specs)
-    batches = BATCHES if free_batch else (None,)
+    free = [s.dims[0] for s in specs if s.name not in user and s.dims and _is_free(s.dims[0], bound)]
+    batch_names = {dim for dim in free if dim is not None}  # such a dim is the batch wherever it is
+    batches = BATCHES if free else (None,)
     chosen: dict[str, str] = {}
-    shapes = [{s.name: _resolve(s, user, bound, batch, chosen) for s in specs} for batch in batches]
+    shapes = [{s.name: _resolve(s, user, bound, batch_names, batch, chosen) for s in specs}
+              for batch in batches]
     note = None
     if chosen:
         note = ("symbolic dims set to defaults: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
@@ -200,14 +202,11 @@ def plan_shapes(specs: list[InputSpec], user: Mapping[str, tuple[int, ...]]) -> 
     return ShapePlan(shapes, batches, note)
 
 
-def _is_free_batch(spec: InputSpec, user, bound) -> bool:
-    if spec.name in user or not spec.dims:
-        return False
-    first = spec.dims[0]
-    return first is None or (isinstance(first, str) and first not in bound)
+def _is_free(dim: Dim, bound) -> bool:
+    return dim is None or (isinstance(dim, str) and dim not in bound)
 
 
-def _resolve(spec: InputSpec, user, bound, batch, chosen) -> tuple[int, ...]:
+def _resolve(spec: InputSpec, user, bound, batch_names, batch, chosen) -> tuple[int, ...]:
     if spec.name in user:
         return user[spec.name]
     if spec.dims is None:
@@ -219,7 +218,7 @@ def _resolve(spec: InputSpec, user, bound, batch, chosen) -> tuple[int, ...]:
             shape.append(dim)
         elif isinstance(dim, str) and dim in bound:
             shape.append(bound[dim])
-        elif axis == 0:
+        elif dim in batch_names or (axis == 0 and dim is None):
             shape.append(batch)
             chosen[f"{dim or spec.name + '[0]'} (batch)"] = " and ".join(map(str, BATCHES))
         else:

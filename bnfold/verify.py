@@ -27,7 +27,7 @@ import onnx
 from .errors import BnfoldError
 from .inputs import (InputSpec, Sample, generate_samples, input_specs, load_samples, merge_specs,
                      parse_shape, plan_shapes)
-from .io import PROTOBUF_LIMIT, load_model
+from .io import load_model
 
 CPU = "CPUExecutionProvider"
 _MAX_POSITIONS = 5  # NaN/Inf positions listed per output
@@ -42,13 +42,16 @@ class Tolerance:
     rtol: float
 
 
-# Measured: the worst error of correct folds, as a multiple of the tolerance, stays far below 1 (see the
-# README, "Tolerances"). Integers and bools must match exactly.
+# Measured on correct folds (the README's "Tolerances" has the numbers): the largest error seen, as a
+# share of the tolerance below, was 0.07 for float32 (sample models, random BN statistics included),
+# 0.27 for float16, 0.35 for bfloat16 (emulated: onnxruntime's CPU provider runs no bfloat16 Conv or
+# MatMul) and under 0.01 for float64. The error of a correct fold grows with the magnitude of the
+# values: outputs in the hundreds need a larger --atol. Integers and bools must match exactly.
 DEFAULT_TOLERANCES = {
-    "float64": Tolerance(atol=1e-12, rtol=1e-9),
-    "float32": Tolerance(atol=1e-4, rtol=1e-3),
-    "float16": Tolerance(atol=1e-2, rtol=1e-2),
-    "bfloat16": Tolerance(atol=5e-2, rtol=5e-2),
+    "float64": Tolerance(atol=1e-9, rtol=1e-9),
+    "float32": Tolerance(atol=1e-4, rtol=1e-4),
+    "float16": Tolerance(atol=5e-2, rtol=1e-2),
+    "bfloat16": Tolerance(atol=2e-1, rtol=5e-2),
 }
 _EXACT = Tolerance(atol=0.0, rtol=0.0)
 
@@ -180,9 +183,9 @@ class BisectResult:
         if self.tensor is None:
             return (f"none of the {self.compared} tensors both models compute under the same name "
                     f"diverges on {self.sample}; the difference arises in tensors only one model has")
-        return (f"first diverging tensor {self.tensor!r} (after {self.compared - 1} matching), produced "
-                f"by {self.reference_node} in the reference and {self.candidate_node} in the "
-                f"candidate, on {self.sample}: {self.comparison.reason()}")
+        return (f"{self.tensor!r} is the first tensor that diverges ({self.compared - 1} shared "
+                f"tensor(s) before it match), produced by {self.reference_node} in the reference and "
+                f"{self.candidate_node} in the candidate; on {self.sample}: {self.comparison.reason()}")
 
     def to_dict(self) -> dict:
         return {"sample": self.sample, "tensor": self.tensor, "compared": self.compared,
@@ -361,7 +364,8 @@ def resolve_provider(name: str | None) -> str:
 class _Session:
     """One model in onnxruntime, optimizations off, returning numpy arrays for every dtype."""
 
-    def __init__(self, model: onnx.ModelProto, provider: str, label: str):
+    def __init__(self, model: onnx.ModelProto | str, provider: str, label: str):
+        """`model` is a proto, or the path of a file onnxruntime reads itself (no second copy)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -391,15 +395,19 @@ class _Session:
 
 
 class _serialized:
-    """The model as bytes for onnxruntime, or, above the protobuf limit, as a temporary file."""
+    """What onnxruntime loads: a path as is; a proto as bytes, or above 2 GiB as a temporary file."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto | str):
         self._model = model
         self._folder = None
 
     def __enter__(self):
-        if self._model.ByteSize() < PROTOBUF_LIMIT:
+        if isinstance(self._model, str):
+            return self._model
+        try:
             return self._model.SerializeToString()
+        except ValueError:  # protobuf refuses messages of 2 GiB or more
+            pass
         import tempfile
 
         self._folder = tempfile.TemporaryDirectory(prefix="bnfold-verify-")
@@ -457,8 +465,8 @@ def verify_models(reference: str | Path | onnx.ModelProto, candidate: str | Path
     specs = merge_specs(input_specs(ref_model), input_specs(cand_model))
     samples, notes = _samples(specs, options)
     provider = resolve_provider(options.provider)
-    ref_session = _Session(ref_model, provider, ref_label)
-    cand_session = _Session(cand_model, provider, cand_label)
+    ref_session = _Session(_source(reference, ref_model), provider, ref_label)
+    cand_session = _Session(_source(candidate, cand_model), provider, cand_label)
     results = tuple(SampleResult(s.label, _shapes(s), compare_outputs(ref_session.run(s),
                                                                      cand_session.run(s), options))
                     for s in samples)
@@ -486,7 +494,7 @@ def verify_against_reference(saved: str | Path, model: str | Path | onnx.ModelPr
     proto, label = _load(model, "model")
     samples = load_samples(saved, input_specs(proto), with_outputs=True)
     provider = resolve_provider(options.provider)
-    session = _Session(proto, provider, label)
+    session = _Session(_source(model, proto), provider, label)
     results = tuple(SampleResult(s.label, _shapes(s), compare_outputs(s.expected, session.run(s), options,
                                                                      check_dtype=False))
                     for s in samples)
@@ -500,6 +508,11 @@ def _load(source: str | Path | onnx.ModelProto, role: str) -> tuple[onnx.ModelPr
     return load_model(source, check=False), str(source)
 
 
+def _source(given: str | Path | onnx.ModelProto, loaded: onnx.ModelProto) -> onnx.ModelProto | str:
+    """The file for onnxruntime to read when there is one: serializing a large proto again is slow."""
+    return loaded if isinstance(given, onnx.ModelProto) else str(given)
+
+
 def _samples(specs: list[InputSpec], options: VerifyOptions) -> tuple[list[Sample], list[str]]:
     if options.inputs is not None:
         given = _flags_given(options, "--shape", "--samples", "--seed")
@@ -508,6 +521,8 @@ def _samples(specs: list[InputSpec], options: VerifyOptions) -> tuple[list[Sampl
         return load_samples(options.inputs, specs), []
     if options.samples is not None and options.samples < 1:
         raise BnfoldError(f"--samples {options.samples}: must be at least 1")
+    if options.seed is not None and options.seed < 0:
+        raise BnfoldError(f"--seed {options.seed}: must be 0 or more")
     plan = plan_shapes(specs, options.shapes)
     samples = generate_samples(specs, plan, 1 if options.samples is None else options.samples,
                                0 if options.seed is None else options.seed)
@@ -643,13 +658,14 @@ def _print(console, report: VerifyReport) -> None:
     what = "saved outputs" if report.against_saved_outputs else "reference"
     labels = [s.label for s in report.samples]
     shown = ", ".join(labels[:3]) + (f", ... ({len(labels)} in all)" if len(labels) > 3 else "")
-    console.print(f"{verdict} {report.candidate} vs {what} {report.reference}", markup=True)
+    console.print(f"{verdict} {report.candidate} vs {what} {report.reference}", soft_wrap=True)
     console.print(f"  {len(labels)} sample(s): {shown}; {report.provider}, graph optimizations "
-                  "disabled", markup=False)
-    table = Table(show_lines=False)
+                  "disabled", markup=False, soft_wrap=True)
+    table = Table(caption="result: FAIL n/m = failed on n of m samples" if not report else None)
     for column in ("output", "dtype", "shape", "max abs", "max rel", "mean abs", "cosine", "top-1",
                    "atol / rtol", "result"):
-        table.add_column(column, justify="right" if column in _NUMERIC else "left")
+        table.add_column(column, justify="right" if column in _NUMERIC else "left",
+                         no_wrap=column != "output")
     for row in _rows(report):
         table.add_row(*row)
     console.print(table)
@@ -657,9 +673,9 @@ def _print(console, report: VerifyReport) -> None:
         for comparison in sample.outputs:
             if not comparison:
                 console.print(f"  {comparison.name} on {sample.label}: {comparison.reason()}",
-                              markup=False)
+                              markup=False, soft_wrap=True)
     if report.bisect is not None:
-        console.print(f"bisect: {report.bisect.summary()}", markup=False)
+        console.print(f"bisect: {report.bisect.summary()}", markup=False, soft_wrap=True)
 
 
 _NUMERIC = {"max abs", "max rel", "mean abs", "cosine", "top-1", "atol / rtol"}
@@ -675,7 +691,7 @@ def _rows(report: VerifyReport) -> list[tuple[str, ...]]:
     for name, comparisons in by_name.items():
         shapes = dict.fromkeys(_shape(c.shape) for c in comparisons if c.shape is not None)
         failed = sum(not c for c in comparisons)
-        result = "ok" if not failed else f"FAIL ({failed}/{len(comparisons)} samples)"
+        result = "ok" if not failed else f"FAIL {failed}/{len(comparisons)}"
         tol = comparisons[0].tolerance
         rows.append((name, comparisons[0].dtype, ", ".join(shapes) or "-",
                      _worst_of(comparisons, "max_abs", max), _worst_of(comparisons, "max_rel", max),

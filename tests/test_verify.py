@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -41,44 +40,45 @@ def _bn_params(rng, channels):
 def _two_convs(seed=0, dtype=np.float32, batch="N", perturb=None):
     """x -> conv1 -> bn1 -> relu -> conv2 -> bn2 -> y, and its exact fold (weights folded in float64).
 
-    `perturb` (a relative amount) spoils one weight of the folded conv1: the wrong fold to catch.
+    `perturb` (a relative amount) spoils the largest weight of the folded conv1: the wrong fold to catch.
     """
     rng = np.random.default_rng(seed)
     elem = {np.float32: F32, np.float16: F16}[dtype]
     weights = [rng.normal(0, 0.4, (6, 3, 3, 3)), rng.normal(0, 0.3, (4, 6, 3, 3))]
     biases = [rng.normal(0, 0.3, 6), rng.normal(0, 0.3, 4)]
     stats = [_bn_params(rng, 6), _bn_params(rng, 4)]
-    x = helper.make_tensor_value_info("x", elem, [batch, 3, 8, 8])
-    y = helper.make_tensor_value_info("y", elem, None)
     ref_nodes, ref_inits, fold_nodes, fold_inits = [], [], [], []
     for i, (w, b, s) in enumerate(zip(weights, biases, stats), start=1):
-        src = "x" if i == 1 else "relu_out"
-        conv_out, bn_out = f"conv{i}_out", ("bn1_out" if i == 1 else "y")
-        ref_nodes += [helper.make_node("Conv", [src, f"W{i}", f"b{i}"], [conv_out], name=f"conv{i}",
-                                       pads=[1, 1, 1, 1]),
-                      helper.make_node("BatchNormalization", [conv_out] + [f"bn{i}_{k}" for k in s],
-                                       [bn_out], name=f"bn{i}")]
+        src, bn_out = ("x", "bn1_out") if i == 1 else ("relu_out", "y")
+        conv = helper.make_node("Conv", [src, f"W{i}", f"b{i}"], [f"conv{i}_out"], name=f"conv{i}",
+                                pads=[1, 1, 1, 1])
+        bn_inputs = [f"conv{i}_out"] + [f"bn{i}_{k}" for k in s]
+        ref_nodes += [conv, helper.make_node("BatchNormalization", bn_inputs, [bn_out], name=f"bn{i}")]
         ref_inits += [_init(f"W{i}", w.astype(dtype)), _init(f"b{i}", b.astype(dtype))]
         ref_inits += [_init(f"bn{i}_{k}", v.astype(dtype)) for k, v in s.items()]
-        rounded = {k: v.astype(dtype).astype(np.float64) for k, v in s.items()}
-        k = rounded["scale"] / np.sqrt(rounded["var"] + 1e-5)
-        w_fold = w.astype(dtype).astype(np.float64) * k[:, None, None, None]
-        b_fold = (b.astype(dtype).astype(np.float64) - rounded["mean"]) * k + rounded["B"]
+        w_fold, b_fold = _fold(w, b, s, dtype)
         if i == 1 and perturb:
-            flat = np.argmax(np.abs(w_fold))
-            w_fold.flat[flat] *= 1 + perturb
-        fold_nodes.append(helper.make_node("Conv", [src, f"W{i}", f"b{i}"], [bn_out], name=f"conv{i}",
-                                           pads=[1, 1, 1, 1]))
+            w_fold.flat[np.argmax(np.abs(w_fold))] *= 1 + perturb
+        folded_conv = onnx.NodeProto()
+        folded_conv.CopyFrom(conv)
+        folded_conv.output[0] = bn_out  # a fold keeps the BN's output name
+        fold_nodes.append(folded_conv)
         fold_inits += [_init(f"W{i}", w_fold.astype(dtype)), _init(f"b{i}", b_fold.astype(dtype))]
         if i == 1:
             relu = helper.make_node("Relu", ["bn1_out"], ["relu_out"], name="relu")
             ref_nodes.append(relu)
             fold_nodes.append(relu)
+    x = helper.make_tensor_value_info("x", elem, [batch, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", elem, None)
     return _model(ref_nodes, [x], [y], ref_inits), _model(fold_nodes, [x], [y], fold_inits)
 
 
-def _elementwise(op_nodes, inputs, outputs, initializers=()):
-    return _model(op_nodes, inputs, outputs, initializers)
+def _fold(w, b, stats, dtype):
+    """Conv weights and bias with the BN folded in, from the values as stored in `dtype`."""
+    stored = {k: v.astype(dtype).astype(np.float64) for k, v in stats.items()}
+    k = stored["scale"] / np.sqrt(stored["var"] + 1e-5)
+    w_fold = w.astype(dtype).astype(np.float64) * k[:, None, None, None]
+    return w_fold, (b.astype(dtype).astype(np.float64) - stored["mean"]) * k + stored["B"]
 
 
 def _vi(name, elem, shape):
@@ -138,6 +138,30 @@ def test_bisect_reports_second_layer_when_first_is_right():
     assert not report
     assert report.bisect.tensor == "y" and report.bisect.compared == 3  # bn1_out, relu_out, y
     assert report.bisect.candidate_node.name == "conv2"
+
+
+def test_bisect_in_small_chunks_finds_the_same_tensor(monkeypatch):
+    """With a tiny memory budget every tensor gets its own session: same answer, same count."""
+    import bnfold.verify
+
+    reference, folded = _two_convs()
+    folded = _spoil_initializer(folded, "b2", index=0, factor=1.01)
+    monkeypatch.setattr(bnfold.verify, "_BISECT_CHUNK_BYTES", 1)
+    bisect = verify_models(reference, folded, VerifyOptions(bisect=True)).bisect
+    assert (bisect.tensor, bisect.compared) == ("y", 3)
+
+
+def test_bisect_skips_shared_names_of_different_types():
+    """A tensor named alike but typed differently is not comparable: counted, not compared."""
+    x = _vi("x", F32, [2, 3])
+    reference = _model([helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Neg", ["t"], ["y"])],
+                       [x], [_vi("y", F32, [2, 3])])
+    candidate = _model([helper.make_node("Cast", ["x"], ["t"], to=TensorProto.DOUBLE),
+                        helper.make_node("Cast", ["t"], ["u"], to=F32),
+                        helper.make_node("Relu", ["u"], ["y"])], [x], [_vi("y", F32, [2, 3])])
+    bisect = verify_models(reference, candidate, VerifyOptions(bisect=True)).bisect
+    assert (bisect.tensor, bisect.not_comparable) == ("y", 1)
+    assert bisect.candidate_node.op_type == "Relu" and bisect.reference_node.op_type == "Neg"
 
 
 def _spoil_initializer(model, name, index, factor):
@@ -290,7 +314,8 @@ def test_bfloat16_outputs_and_inputs(bf16_input):
 def test_int64_and_bool_inputs(tmp_path, capsys):
     """Generated integers are small and non-negative: valid as Gather indices into 8 rows."""
     table = np.arange(24, dtype=np.float32).reshape(8, 3)
-    inputs = [_vi("x", F32, [4, 3]), _vi("idx", TensorProto.INT64, [4]), _vi("mask", TensorProto.BOOL, [4, 3])]
+    inputs = [_vi("x", F32, [4, 3]), _vi("idx", TensorProto.INT64, [4]),
+              _vi("mask", TensorProto.BOOL, [4, 3])]
     nodes = [helper.make_node("Gather", ["table", "idx"], ["rows"]),
              helper.make_node("Where", ["mask", "x", "rows"], ["y"]),
              helper.make_node("Cast", ["mask"], ["count"], to=TensorProto.INT64)]
@@ -512,3 +537,31 @@ def test_correct_fold_passes_on_every_sample_model(path):
     folded, fold_report = fold.fold_model(model)
     report = verify_models(model, folded)
     assert report, render_report(report)
+
+
+def _sample_references() -> list[Path]:
+    return [p for p in sorted((ROOT / "sample_models").glob("*.npz")) if p.with_suffix(".onnx").exists()]
+
+
+@pytest.mark.parametrize("saved", _sample_references() or [None], ids=lambda p: p.stem if p else "none")
+def test_sample_model_and_its_fold_match_the_saved_float64_outputs(saved):
+    """The files `bnfold export --reference` writes are what --against-reference reads."""
+    fold = pytest.importorskip("bnfold.fold")
+    if saved is None:
+        pytest.skip("no committed sample references")
+    model = onnx.load(str(saved.with_suffix(".onnx")))
+    folded, _ = fold.fold_model(model)
+    for candidate in (model, folded):
+        report = verify_against_reference(saved, candidate)
+        assert report, render_report(report)
+
+
+def test_a_named_batch_dim_is_the_batch_wherever_it_appears():
+    inputs = [_vi("a", F32, ["N", 4]), _vi("b", F32, [4, "N"])]
+    nodes = [helper.make_node("Transpose", ["b"], ["bt"], perm=[1, 0]),
+             helper.make_node("Add", ["a", "bt"], ["y"])]
+    model = _model(nodes, inputs, [_vi("y", F32, ["N", 4])])
+    report = verify_models(model, model)
+    assert report, render_report(report)
+    assert [s.input_shapes for s in report.samples] == [{"a": (1, 4), "b": (4, 1)},
+                                                        {"a": (2, 4), "b": (4, 2)}]
