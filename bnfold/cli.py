@@ -20,7 +20,7 @@ def _add_fold_parser(sub) -> None:
                        description="Fold every BatchNormalization that can be folded exactly into its "
                                    "neighbouring Conv, ConvTranspose, Gemm or MatMul; leave the others "
                                    "with a reason. The input file is never modified (unless --in-place).")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="ONNX model file(s)")
+    p.add_argument("models", nargs="+", metavar="INPUT", help="ONNX model file(s)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("-o", "--output", metavar="OUT", help="output file (one INPUT only)")
     where.add_argument("--out-dir", metavar="DIR", help="write each folded model under DIR, same file name")
@@ -33,16 +33,34 @@ def _add_fold_parser(sub) -> None:
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUT.data next to the output (automatic above 2 GB)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="fold N files in parallel")
+    checks = p.add_argument_group("verification (the flags of `bnfold verify`)")
+    checks.add_argument("--verify", action="store_true",
+                        help="compare the folded model with the original in onnxruntime before writing; "
+                             "on a mismatch write nothing and exit 1")
+    from .verify import add_verify_arguments
+    add_verify_arguments(checks)
     p.set_defaults(func=cmd_fold)
 
 
 def cmd_fold(args) -> int:
+    from .fold import VerificationFailed
     from .foldcmd import FoldJob, run_fold_jobs
-    jobs = [FoldJob(path, _fold_target(args, path), tuple(args.exclude_node), args.dry_run, args.external_data)
-            for path in args.inputs]
-    reports = run_fold_jobs(jobs, args.jobs)
-    _emit_fold_reports(args, reports)
-    return EXIT_OK
+    from .verify import options_from_args
+    verify = options_from_args(args) if args.verify else None
+    jobs = [FoldJob(path, _fold_target(args, path), tuple(args.exclude_node), args.dry_run, args.external_data,
+                    verify) for path in args.models]
+    outcomes = run_fold_jobs(jobs, args.jobs)
+    reports = [o.report if isinstance(o, VerificationFailed) else o for o in outcomes
+               if not isinstance(o, BnfoldError) or isinstance(o, VerificationFailed)]
+    for report in reports:
+        for note in getattr(report.verification, "notes", ()):
+            print(f"bnfold: note: {note}", file=sys.stderr)
+    if reports:
+        _emit_fold_reports(args, reports)
+    errors = [o for o in outcomes if isinstance(o, BnfoldError)]
+    for error in errors:
+        print(f"bnfold: error: {error.one_line()}", file=sys.stderr)
+    return max((e.exit_code for e in errors), default=EXIT_OK)
 
 
 def _fold_target(args, path: str) -> str | None:
@@ -53,7 +71,7 @@ def _fold_target(args, path: str) -> str | None:
     if args.in_place:
         return path
     if args.output:
-        if len(args.inputs) != 1:
+        if len(args.models) != 1:
             raise BnfoldError("-o takes one INPUT", note="use --out-dir DIR for several inputs")
         target = args.output
     elif args.out_dir:
@@ -82,6 +100,9 @@ def _emit_fold_reports(args, reports) -> None:
         console.print(f"{report.model}: {verb} {report.folded} of {report.total} BatchNormalization",
                       highlight=False, soft_wrap=True)
         console.print(summary_table(report))
+        if report.verification is not None:
+            from .verify import print_report
+            print_report(report.verification, file=sys.stdout)
 
 
 # ------------------------------------------------------------------------------------------- inspect

@@ -20,6 +20,9 @@ class BnfoldError(Exception):
         self.note = note
         self.exit_code = exit_code
 
+    def __reduce__(self):  # keep note and exit code across processes (fold --jobs)
+        return type(self), (self.message, self.note, self.exit_code)
+
     def one_line(self) -> str:
         """The message as printed on stderr: what went wrong, then `Note:` how to fix it."""
         text = " ".join(self.message.split())

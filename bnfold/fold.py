@@ -8,12 +8,17 @@ else in the model changes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from collections import Counter
+from functools import partial
+from pathlib import Path
 from typing import Iterable
 
 import onnx
 
+from .errors import EXIT_CHECK_FAILED, BnfoldError
 from .graph import GraphIndex, ModelContext, all_graphs, node_inputs
 from .io import open_model, save_model
 from .mapped import MappedFile
@@ -29,20 +34,53 @@ def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = ()) -> 
     return work, fold_in_place(work, exclude_nodes=exclude_nodes)
 
 
+class VerificationFailed(BnfoldError):
+    """`fold --verify` found the folded model computes something else; nothing was written."""
+
+    def __init__(self, report: FoldReport):
+        super().__init__(f"{report.model}: the folded model's outputs differ from the original's; "
+                         "nothing was written", note="see the verify report above; --exclude-node NAME "
+                         "leaves a BatchNormalization out", exit_code=EXIT_CHECK_FAILED)
+        self.report = report
+
+    def __reduce__(self):
+        return type(self), (self.report,)
+
+
 def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None, *,
-              exclude_nodes: Iterable[str] = (), dry_run: bool = False, external_data: bool = False) -> FoldReport:
-    """Load, fold and atomically save a model. With dry_run nothing is written."""
+              exclude_nodes: Iterable[str] = (), dry_run: bool = False, external_data: bool = False,
+              verify=None) -> FoldReport:
+    """Load, fold and atomically save a model. With dry_run nothing is written.
+
+    `verify` (bnfold.verify.VerifyOptions) compares the folded model with the original before the
+    output is renamed into place; on a mismatch it raises VerificationFailed and writes nothing.
+    """
     model, source = open_model(input_path)
     try:
         report = fold_in_place(model, exclude_nodes=exclude_nodes, source=source)
         report.model = str(input_path)
+        accept = None
+        if verify is not None:
+            accept = partial(_verify_staged, input_path, output_path, verify, report)
         if not dry_run and output_path is not None:
-            save_model(model, output_path, external_data=external_data, source=source)
+            save_model(model, output_path, external_data=external_data, source=source, accept=accept)
+        elif accept is not None:
+            with tempfile.TemporaryDirectory(prefix="bnfold-") as folder:
+                save_model(model, Path(folder) / "folded.onnx", external_data=external_data, source=source,
+                           accept=accept)
     finally:
         del model
         if source is not None:
             source.close()
     return report
+
+
+def _verify_staged(original, output_path, options, report: FoldReport, staged: Path) -> None:
+    from .verify import verify_models
+    verification = verify_models(original, staged, options)
+    report.verification = dataclasses.replace(verification, candidate=str(output_path or "(not written)"))
+    if not verification:
+        raise VerificationFailed(report)
 
 
 def fold_in_place(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (),

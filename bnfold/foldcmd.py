@@ -17,30 +17,26 @@ class FoldJob:
     exclude_nodes: tuple[str, ...] = ()
     dry_run: bool = False
     external_data: bool = False
+    verify: object | None = None  # bnfold.verify.VerifyOptions
 
 
 def run_fold_job(job: FoldJob) -> FoldReport:
     return fold_file(job.source, job.target, exclude_nodes=job.exclude_nodes, dry_run=job.dry_run,
-                     external_data=job.external_data)
+                     external_data=job.external_data, verify=job.verify)
 
 
-def run_fold_jobs(jobs: list[FoldJob], workers: int) -> list[FoldReport]:
-    """Fold every job; the first failure is raised after the others finished (each write is atomic)."""
+def run_fold_jobs(jobs: list[FoldJob], workers: int) -> list[FoldReport | BnfoldError]:
+    """Fold every job, in `workers` processes; a job's BnfoldError is returned in its place, so one
+    bad file does not stop the others (each write is atomic)."""
     if workers < 1:
         raise BnfoldError(f"--jobs must be at least 1, not {workers}")
     if workers == 1 or len(jobs) == 1:
-        outcomes = [_attempt(job) for job in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-            futures = [pool.submit(run_fold_job, job) for job in jobs]
-            outcomes = [f.exception() or f.result() for f in futures]
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-    return outcomes
+        return [_attempt(job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        return list(pool.map(_attempt, jobs))
 
 
-def _attempt(job: FoldJob) -> FoldReport | BaseException:
+def _attempt(job: FoldJob) -> FoldReport | BnfoldError:
     try:
         return run_fold_job(job)
     except BnfoldError as error:

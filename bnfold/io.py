@@ -104,9 +104,11 @@ def check_model(model: onnx.ModelProto) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
-               source: MappedFile | None = None) -> None:
+               source: MappedFile | None = None, accept=None) -> None:
     """Write `model` to `path` atomically; use external data if asked or if it is too large.
-    `source` is the mapped input file that the model's stubs (see bnfold.mapped) point into."""
+    `source` is the mapped input file that the model's stubs (see bnfold.mapped) point into.
+    `accept(staged_path)` runs on the complete file before it is renamed into place; if it raises,
+    nothing is written."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -122,11 +124,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             data_name = f"{path.name}.data"
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            if (staging / data_name).exists():
-                os.replace(staging / data_name, folder / data_name)
         else:
             with open(staged, "wb") as handle:
                 write_model(model, handle, source)
+        if accept is not None:
+            accept(staged)
+        if external_data and (staging / data_name).exists():
+            os.replace(staging / data_name, folder / data_name)
         os.replace(staged, path)
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc

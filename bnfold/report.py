@@ -55,6 +55,7 @@ class FoldReport:
     counts_before: dict[str, int] = field(default_factory=dict)
     counts_after: dict[str, int] = field(default_factory=dict)
     model: str | None = None
+    verification: object | None = None  # a bnfold.verify.VerifyReport when `--verify` ran
 
     @property
     def total(self) -> int:
@@ -77,6 +78,7 @@ class FoldReport:
             "left_by_reason": self.left_by_reason,
             "op_counts": {"before": self.counts_before, "after": self.counts_after},
             "decisions": [asdict(d) for d in self.decisions],
+            **({"verification": self.verification.to_dict()} if self.verification is not None else {}),
         }
 
 

@@ -124,3 +124,41 @@ def test_shim_and_console_script_run_without_traceback(tmp_path):
         result = subprocess.run(command + ["inspect", str(tmp_path / "missing.onnx")], capture_output=True, text=True)
         assert result.returncode == 2
         assert result.stderr.startswith("bnfold: error:") and "Traceback" not in result.stderr
+
+
+def test_fold_verify_passes_and_writes(model_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main(["fold", str(model_file), "-o", str(out), "--verify", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["verification"]["passed"] is True
+    assert out.exists()
+
+
+def test_fold_verify_rejects_a_wrong_fold_and_writes_nothing(model_file, tmp_path, capsys, monkeypatch):
+    import bnfold.rules.conv as conv_rule
+    real = conv_rule.fold_after_conv
+
+    def wrong(weight, bias, scale, shift):
+        new_weight, new_bias = real(weight, bias, scale, shift)
+        new_weight.flat[0] *= 1.01  # one weight off by 1%
+        return new_weight, new_bias
+    monkeypatch.setattr(conv_rule, "fold_after_conv", wrong)
+    out = tmp_path / "out.onnx"
+    assert main(["fold", str(model_file), "-o", str(out), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out
+    assert captured.err.startswith("bnfold: error:") and "nothing was written" in captured.err
+    assert listing(tmp_path) == {"model.onnx"}
+
+
+def test_fold_dry_run_verify_writes_nothing(model_file, tmp_path):
+    assert main(["fold", str(model_file), "--dry-run", "--verify"]) == 0
+    assert listing(tmp_path) == {"model.onnx"}
+
+
+def test_one_bad_file_does_not_stop_the_others(model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["fold", str(model_file), str(tmp_path / "missing.onnx"), "--out-dir", str(out)]) == 2
+    assert listing(out) == {"model.onnx"}
+    assert "no such file" in capsys.readouterr().err
