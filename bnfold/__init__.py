@@ -2,6 +2,11 @@
 
 from .errors import BnfoldError
 from .fold import fold_file, fold_model
+from .export import export_model
 from .report import Decision, FoldReport
+from .verify import (DEFAULT_TOLERANCES, Tolerance, VerifyOptions, VerifyReport, verify_against_reference,
+                     verify_models)
 
-__all__ = ["BnfoldError", "Decision", "FoldReport", "fold_file", "fold_model"]
+__all__ = ["BnfoldError", "DEFAULT_TOLERANCES", "Decision", "FoldReport", "Tolerance", "VerifyOptions",
+           "VerifyReport", "export_model", "fold_file", "fold_model", "verify_against_reference",
+           "verify_models"]
