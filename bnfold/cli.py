@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import EXIT_OK, EXIT_USAGE, BnfoldError
+from .errors import EXIT_OK, BnfoldError
 
 EXIT_INTERNAL = 3
 

@@ -7,7 +7,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.fold import fold_model
 from tests.builders import (assert_same_function, bn_initializers, bn_node, bn_stats, conv_bn, make_model,
-                            op_types, run_ort, tensor)
+                            run_ort, tensor)
 
 
 def shared_weight_model(rng) -> onnx.ModelProto:

@@ -135,15 +135,11 @@ def _per_channel(value: np.ndarray, name: str, bn: onnx.NodeProto, index: GraphI
     raise Refusal("channel-axis-mismatch", f"BN {name} has shape {list(value.shape)}, expected [C]")
 
 
-def weight_dtype(index: GraphIndex, name: str, what: str) -> np.dtype:
-    """The numpy dtype folded values are cast to; refuse dtypes a fold cannot keep exact."""
-    tt = index.tensor_type(name)
-    if tt is None:
-        raise Refusal("dtype-unsupported", f"the dtype of {what} is unknown")
-    if tt.elem_type not in FOLDABLE_DTYPES:
-        raise Refusal("dtype-unsupported",
-                      f"{what} is {onnx.helper.tensor_dtype_to_string(tt.elem_type)}, not a float type")
-    return FOLDABLE_DTYPES[tt.elem_type]
+def weight_dtype(values: np.ndarray, what: str) -> np.dtype:
+    """The dtype folded values are cast back to (the weight's own); refuse non-float weights."""
+    if values.dtype not in FOLDABLE_DTYPES.values():
+        raise Refusal("dtype-unsupported", f"{what} is {values.dtype.name}, not a float type")
+    return values.dtype
 
 
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:

@@ -34,7 +34,7 @@ class ConvThenBN(FoldRule):
         bias = constant(index, conv.input[2], f"{conv.op_type} bias") if len(conv.input) > 2 and conv.input[2] else None
         if weight.ndim < 3:
             raise Refusal("rank-unknown", f"{conv.op_type} weight has rank {weight.ndim}, expected >= 3")
-        dtype = weight_dtype(index, conv.input[1], f"{conv.op_type} weight")
+        dtype = weight_dtype(weight, f"{conv.op_type} weight")
         groups = int(attribute(conv, "group", 1))
         transposed = conv.op_type == "ConvTranspose"
         channels = weight.shape[1] * groups if transposed else weight.shape[0]

@@ -32,7 +32,7 @@ class GemmThenBN(FoldRule):
         b_matrix = constant(index, gemm.input[1], "Gemm B")
         has_c = len(gemm.input) > 2 and bool(gemm.input[2])
         c = constant(index, gemm.input[2], "Gemm C") if has_c else None
-        dtype = weight_dtype(index, gemm.input[1], "Gemm B")
+        dtype = weight_dtype(b_matrix, "Gemm B")
         trans_b = bool(attribute(gemm, "transB", 0))
         if b_matrix.ndim != 2:
             raise Refusal("rank-unknown", f"Gemm B has rank {b_matrix.ndim}")
@@ -79,7 +79,7 @@ class MatMulThenBN(FoldRule):
             single_consumer(index, matmul.output[0], bn, "MatMul")
         weight = constant(index, matmul.input[1], "MatMul right operand")
         bias = constant(index, _bias_operand(add, matmul), "Add bias") if add is not None else None
-        dtype = weight_dtype(index, matmul.input[1], "MatMul right operand")
+        dtype = weight_dtype(weight, "MatMul right operand")
         if weight.ndim != 2:
             raise Refusal("channel-axis-mismatch", f"MatMul right operand has rank {weight.ndim}, not 2")
         out = index.tensor_type(matmul.output[0])

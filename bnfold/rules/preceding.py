@@ -14,7 +14,7 @@ import onnx
 from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
 from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
-                   set_folded_input, single_consumer, weight_dtype)
+                   set_folded_input, weight_dtype)
 from .linear import set_attribute
 
 
@@ -44,7 +44,7 @@ class BNThenConv(FoldRule):
         _bn_output_exclusive(match, index)
         weight = constant(index, conv.input[1], "Conv weight")
         bias = constant(index, conv.input[2], "Conv bias") if len(conv.input) > 2 and conv.input[2] else None
-        dtype = weight_dtype(index, conv.input[1], "Conv weight")
+        dtype = weight_dtype(weight, "Conv weight")
         _check_no_padding(conv, weight)
         groups = int(attribute(conv, "group", 1))
         scale, shift = bn_affine(bn, index, weight.shape[1] * groups)
@@ -85,7 +85,7 @@ class BNThenLinear(FoldRule):
         node, bn = match.neighbour, match.bn
         _bn_output_exclusive(match, index)
         weight = constant(index, node.input[1], f"{node.op_type} weight")
-        dtype = weight_dtype(index, node.input[1], f"{node.op_type} weight")
+        dtype = weight_dtype(weight, f"{node.op_type} weight")
         if weight.ndim != 2:
             raise Refusal("channel-axis-mismatch", f"{node.op_type} weight has rank {weight.ndim}, not 2")
         x_type = index.tensor_type(bn.input[0])

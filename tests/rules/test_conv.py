@@ -84,7 +84,7 @@ def test_float16_folds_in_float64_and_rounds_once(rng):
 
 def test_conv_then_two_bns_fold_in_turn(rng):
     from onnx import helper
-    from tests.builders import bn_initializers, bn_node, bn_stats, make_model, tensor
+    from tests.builders import bn_initializers, bn_node, bn_stats, make_model
     model = conv_bn(rng)
     graph = model.graph
     graph.node[1].output[0] = "mid"
