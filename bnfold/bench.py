@@ -11,7 +11,8 @@ Why it is done this way:
   those ratios. Resampling pairs rather than each model's runs apart keeps the drift that both models
   saw together inside every resample, so it cancels instead of widening the interval.
 * The verdict follows the interval only: faster when it lies wholly above 1, slower when wholly below,
-  otherwise no significant difference.
+  otherwise no significant difference. Below MIN_VERDICT_PAIRS pairs a bootstrap says nothing, so
+  there is no verdict.
 * onnxruntime does its graph optimizations (its own Conv+BN fusion among them, at `basic` and above)
   while it creates a session, so session creation is timed too: several creations per model and level,
   alternating, and the median is reported.
@@ -29,9 +30,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -51,6 +52,7 @@ DEFAULT_SECONDS = 3.0  # time budget per level when neither runs nor seconds is 
 MIN_PAIRS = 10  # a time budget never yields fewer pairs than this ...
 MAX_PAIRS = 5000  # ... nor more than this (tiny models would otherwise produce huge sample lists)
 BOOTSTRAP_RESAMPLES = 2000
+MIN_VERDICT_PAIRS = 5  # fewer pairs give an interval that means nothing: no verdict
 PLOT_HINT = "pip install 'bnfold[plot]'"
 
 _NUMPY_TYPES = {
@@ -133,7 +135,7 @@ class LevelResult:
     speedup: float  # median baseline latency / median candidate latency
     ci: tuple[float, float]  # paired-bootstrap interval of `speedup`
     creation_speedup: float  # median baseline creation / median candidate creation
-    verdict: str  # "faster", "slower" or "no-significant-difference" (the candidate vs the baseline)
+    verdict: str  # "faster", "slower", "no-significant-difference" or "too-few-runs" (candidate vs baseline)
 
     def verdict_line(self, confidence: float) -> str:
         """One sentence for humans, e.g. `all: candidate 1.23x faster (95% CI 1.20-1.26x)`."""
@@ -142,6 +144,9 @@ class LevelResult:
             text = f"candidate {self.speedup:.3f}x faster ({interval})"
         elif self.verdict == "slower":
             text = f"candidate {1 / self.speedup:.3f}x slower (speedup {self.speedup:.3f}x, {interval})"
+        elif self.verdict == "too-few-runs":
+            text = (f"speedup {self.speedup:.3f}x; too few runs for a verdict "
+                    f"(use --runs {MIN_VERDICT_PAIRS} or more)")
         else:
             text = f"no significant difference (speedup {self.speedup:.3f}x, {interval})"
         return f"{self.level}: {text}; session creation {_relative(self.creation_speedup)}"
@@ -286,7 +291,10 @@ def _compare(level, creation, latency, options: BenchOptions) -> LevelResult:
     a, b = np.asarray(latency[0]), np.asarray(latency[1])
     speedup = float(np.median(a) / np.median(b))
     ci = bootstrap_speedup_ci(a, b, confidence=options.confidence, seed=options.seed)
-    verdict = "faster" if ci[0] > 1 else "slower" if ci[1] < 1 else "no-significant-difference"
+    if a.size < MIN_VERDICT_PAIRS:
+        verdict = "too-few-runs"
+    else:
+        verdict = "faster" if ci[0] > 1 else "slower" if ci[1] < 1 else "no-significant-difference"
     return LevelResult(level, ModelTiming(creation[0], latency[0]), ModelTiming(creation[1], latency[1]),
                        speedup, ci, float(np.median(creation[0]) / np.median(creation[1])), verdict)
 

@@ -296,8 +296,8 @@ class GraphIndex:
     def add_initializer(self, values: np.ndarray, base: str) -> str:
         """Store `values` as a new initializer under a fresh name (IR < 4 also lists it as an input)."""
         name = self.context.fresh_name(base)
-        tensor = tensor_from_array(values, name)
-        self.graph.initializer.append(tensor)
+        tensor = self.graph.initializer.add()  # filled in place: appending a tensor would copy it
+        fill_tensor(tensor, values, name)
         self.initializers[name] = tensor
         if self.context.ir_version < 4 and self.parent is None:
             self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
@@ -306,8 +306,7 @@ class GraphIndex:
 
     def replace_initializer(self, name: str, values: np.ndarray) -> None:
         """Overwrite an initializer that only the folded node uses (caller checks exclusivity)."""
-        tensor = self.initializers[name]
-        tensor.CopyFrom(tensor_from_array(values, name))
+        fill_tensor(self.initializers[name], values, name)
         self._values.pop(name, None)
 
     # ----------------------------------------------------------------------------------- typing
@@ -417,12 +416,13 @@ class GraphIndex:
         return [np.asarray(o) for o in outputs]
 
 
-def tensor_from_array(values: np.ndarray, name: str) -> onnx.TensorProto:
-    """A raw-data TensorProto of a float array (the fast path of numpy_helper.from_array)."""
-    elem_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
-    tensor = onnx.TensorProto(name=name, data_type=elem_type, dims=values.shape)
+def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None:
+    """Make `tensor` a raw-data tensor holding `values` (the fast path of numpy_helper.from_array)."""
+    tensor.Clear()
+    tensor.name = name
+    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    tensor.dims.extend(values.shape)
     tensor.raw_data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
-    return tensor
 
 
 def _reads_type_only(node: onnx.NodeProto, index: int) -> bool:

@@ -116,24 +116,41 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     if path.is_dir():
         raise BnfoldError(f"{path}: is a directory")
     external_data = external_data or _payload_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
     try:
-        staged = staging / path.name
         if external_data:
-            _materialize_stubs(model, source)
-            data_name = f"{path.name}.data"
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            _save_with_external_data(model, path, folder, source, accept)
         else:
-            with open(staged, "wb") as handle:
-                write_model(model, handle, source)
-        if accept is not None:
-            accept(staged)
-        if external_data and (staging / data_name).exists():
-            os.replace(staging / data_name, folder / data_name)
-        os.replace(staged, path)
+            _save_streamed(model, path, folder, source, accept)
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def _save_streamed(model, path: Path, folder: Path, source, accept) -> None:
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write_model(model, out, source)
+        if accept is not None:
+            accept(Path(temp))
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _save_with_external_data(model, path: Path, folder: Path, source, accept) -> None:
+    """The model and OUT.data are staged together in a temporary folder, then both renamed."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    try:
+        staged, data_name = staging / path.name, f"{path.name}.data"
+        _materialize_stubs(model, source)
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        if accept is not None:
+            accept(staged)
+        if (staging / data_name).exists():
+            os.replace(staging / data_name, folder / data_name)
+        os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
