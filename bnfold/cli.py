@@ -39,6 +39,11 @@ def _add_fold_parser(sub) -> None:
                              "on a mismatch write nothing and exit 1")
     from .verify import add_verify_arguments
     add_verify_arguments(checks)
+    speed = p.add_argument_group("speed (the flags of `bnfold bench`, prefixed with --bench-)")
+    speed.add_argument("--bench", action="store_true",
+                       help="after writing, measure original vs folded in onnxruntime (bnfold bench)")
+    from .bench import add_bench_arguments
+    add_bench_arguments(speed, prefix="bench-")
     p.set_defaults(func=cmd_fold)
 
 
@@ -47,6 +52,8 @@ def cmd_fold(args) -> int:
     from .foldcmd import FoldJob, run_fold_jobs
     from .verify import options_from_args
     verify = options_from_args(args) if args.verify else None
+    if args.bench and args.dry_run:
+        raise BnfoldError("--bench measures the written model", note="drop --dry-run")
     jobs = [FoldJob(path, _fold_target(args, path), tuple(args.exclude_node), args.dry_run, args.external_data,
                     verify) for path in args.models]
     outcomes = run_fold_jobs(jobs, args.jobs)
@@ -55,12 +62,26 @@ def cmd_fold(args) -> int:
     for report in reports:
         for note in getattr(report.verification, "notes", ()):
             print(f"bnfold: note: {note}", file=sys.stderr)
+    if args.bench:
+        _bench_folded(args, [(job, o) for job, o in zip(jobs, outcomes) if not isinstance(o, BnfoldError)])
     if reports:
         _emit_fold_reports(args, reports)
     errors = [o for o in outcomes if isinstance(o, BnfoldError)]
     for error in errors:
         print(f"bnfold: error: {error.one_line()}", file=sys.stderr)
     return max((e.exit_code for e in errors), default=EXIT_OK)
+
+
+def _bench_folded(args, folded) -> None:
+    """`fold --bench`: measure each written model against its input; the result joins the report."""
+    from .bench import bench_models, options_from_args, require_matplotlib, write_plot
+    options = options_from_args(args, prefix="bench-")
+    if options.plot:
+        require_matplotlib()
+    for job, report in folded:
+        report.bench = bench_models(job.source, job.target, options)
+        if options.plot:
+            write_plot(report.bench, options.plot)
 
 
 def _fold_target(args, path: str) -> str | None:
@@ -103,6 +124,9 @@ def _emit_fold_reports(args, reports) -> None:
         if report.verification is not None:
             from .verify import print_report
             print_report(report.verification, file=sys.stdout)
+        if report.bench is not None:
+            from .bench import render_table
+            render_table(report.bench, file=sys.stdout)
 
 
 # ------------------------------------------------------------------------------------------- inspect

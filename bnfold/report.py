@@ -56,6 +56,7 @@ class FoldReport:
     counts_after: dict[str, int] = field(default_factory=dict)
     model: str | None = None
     verification: object | None = None  # a bnfold.verify.VerifyReport when `--verify` ran
+    bench: object | None = None  # a bnfold.bench.BenchReport when `--bench` ran
 
     @property
     def total(self) -> int:
@@ -79,6 +80,7 @@ class FoldReport:
             "op_counts": {"before": self.counts_before, "after": self.counts_after},
             "decisions": [asdict(d) for d in self.decisions],
             **({"verification": self.verification.to_dict()} if self.verification is not None else {}),
+            **({"bench": self.bench.to_dict()} if self.bench is not None else {}),
         }
 
 

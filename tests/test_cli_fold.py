@@ -162,3 +162,12 @@ def test_one_bad_file_does_not_stop_the_others(model_file, tmp_path, capsys):
     assert main(["fold", str(model_file), str(tmp_path / "missing.onnx"), "--out-dir", str(out)]) == 2
     assert listing(out) == {"model.onnx"}
     assert "no such file" in capsys.readouterr().err
+
+
+def test_fold_bench_measures_the_written_model(model_file, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert main(["fold", str(model_file), "-o", str(out), "--bench", "--bench-runs", "3", "--bench-warmup", "1",
+                 "--bench-creations", "1", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)["bench"]
+    assert [level["level"] for level in bench["levels"]] == ["disabled", "all"]
+    assert main(["fold", str(model_file), "--dry-run", "--bench"]) == 2
