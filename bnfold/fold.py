@@ -88,6 +88,10 @@ def fold_in_place(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (),
     """Fold `model` itself (no copy): the fast path for files, where bnfold owns the loaded model.
     `source` is the mapped file that stub initializers point into (see bnfold.mapped)."""
     excluded = set(exclude_nodes)
+    unknown = excluded - {n.name for g in all_graphs(model.graph) for n in g.node if n.op_type == "BatchNormalization"}
+    if unknown:
+        raise BnfoldError(f"--exclude-node {sorted(unknown)[0]}: no BatchNormalization node has that name",
+                          note="`bnfold inspect MODEL` lists their names")
     report = FoldReport(counts_before=op_counts(model))
     context = ModelContext(model, source)
     released: set[str] = set()

@@ -171,3 +171,9 @@ def test_fold_bench_measures_the_written_model(model_file, tmp_path, capsys):
     bench = json.loads(capsys.readouterr().out)["bench"]
     assert [level["level"] for level in bench["levels"]] == ["disabled", "all"]
     assert main(["fold", str(model_file), "--dry-run", "--bench"]) == 2
+
+
+def test_exclude_node_with_unknown_name_is_an_error(model_file, tmp_path, capsys):
+    assert main(["fold", str(model_file), "-o", str(tmp_path / "o.onnx"), "--exclude-node", "typo"]) == 2
+    assert "no BatchNormalization node has that name" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
