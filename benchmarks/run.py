@@ -1,7 +1,7 @@
 """Regenerate benchmarks/RESULTS.md: bnfold and the other folding tools, on the same models, in one run.
 
-    python benchmarks/run.py              # the full run (a few minutes on 2 cores)
-    python benchmarks/run.py --quick      # a smoke run: sample models only, short timings
+    python benchmarks/run.py              # the full run: about 5 minutes on 2 cores
+    python benchmarks/run.py --quick      # a smoke run: sample models only, short timings (~2 min)
 
 Models: every committed sample model (sample_models/*.onnx, each with its float64 PyTorch reference
 .npz) and a full-width ResNet-50 (~100 MB) from each of torch's two exporters, exported once into
@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
-
 import measure
+import numpy as np
 import report
 from tools import PACKAGES, TOOLS
 
@@ -51,7 +50,7 @@ class Case:
 
     name: str
     path: Path
-    reference: Path | None
+    reference: Path
     large: bool = False
 
     @property
@@ -79,7 +78,9 @@ class CaseResult:
     case: Case
     tools: dict[str, ToolResult]
     original: measure.Quality
-    timings: measure.Timings
+    reference_note: str  # which inputs the errors were measured on
+    timings: measure.Timings  # every sound result at disabled and all
+    focus: measure.Timings | None  # large models: original and bnfold alone, longer, three levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         _log(f"{case.name} ({case.size_mb:.1f} MB)")
         results.append(run_case(case, tools, work, args))
-    profiles = {c.name: profile_bnfold(c, work) for c in cases if c.large and args.profile}
+    profiles = {r.case.name: profile_bnfold(r.case, work) for r in results
+                if args.profile and r.case.large and "bnfold" in r.tools and r.tools["bnfold"].runs}
     text = report.render(results, base_rss=base_rss, environment=environment(tools),
                          command=_command(argv), minutes=(time.perf_counter() - started) / 60,
                          profiles=profiles)
@@ -115,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", default=str(HERE / ".work"), help="folder for the folded models")
     parser.add_argument("--samples", default=str(ROOT / "sample_models"), help="folder of sample models")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
-                        help="skip the cProfile of bnfold on the large models")
+                        help="skip the time and memory profiles of bnfold on the large models")
     return parser
 
 
@@ -125,8 +127,10 @@ def discover(args) -> list[Case]:
     keep = set(args.models.split(",")) if args.models else None
     cases = []
     for path in sorted(Path(args.samples).glob("*.onnx")):
-        reference = path.with_suffix(".npz")
-        cases.append(Case(path.stem, path, reference if reference.exists() else None))
+        if path.with_suffix(".npz").exists():
+            cases.append(Case(path.stem, path, path.with_suffix(".npz")))
+        else:
+            _log(f"skipping {path}: no float64 reference {path.with_suffix('.npz').name} next to it")
     if not args.quick:
         cases += [large_model(name, exporter) for name, exporter in LARGE.items()
                   if keep is None or name in keep]
@@ -155,24 +159,40 @@ def run_case(case: Case, tools: list[str], work: Path, args) -> CaseResult:
         for tool in tools[rep % len(tools):] + tools[:rep % len(tools)]:  # rotate: no tool always first
             if results[tool].error is None:
                 _fold_once(case, results[tool])
-    feeds, reference = measure.load_reference(case.reference)
-    original = measure.assess(case.path, feeds, reference)
+    extra = (2 if case.large else 4) if args.quick else (7 if case.large else 31)
+    reference = measure.extend_reference(measure.load_reference(case.reference), case.path, extra)
+    original = measure.assess(case.path, reference)
     for result in results.values():
-        _check_output(result, feeds, reference, original)
-    variants = {"original": case.path}
-    variants.update({t: r.output for t, r in results.items()
-                     if t != "load+save" and r.error is None and r.changed is None})
-    seconds = (5.0 if case.large else 0.5) if args.quick else (20.0 if case.large else 1.0)
-    _log(f"  timing {len(variants)} variants for {seconds:g} s")
-    timings = measure.time_variants(variants, feeds, creations=3 if case.large else 2, seconds=seconds)
-    return CaseResult(case, results, original, timings)
+        _check_output(result, reference, original)
+    _log(f"  errors measured on {reference.note}")
+    return CaseResult(case, results, original, reference.note, *_time(case, results, reference.feeds, args))
+
+
+def _time(case: Case, results: dict[str, ToolResult], feeds, args) -> tuple:
+    """Latency of every sound result; on a large model first a longer run of original vs bnfold alone
+    (three levels), from which the goals are computed."""
+    sound = {t: r.output for t, r in results.items()
+             if t != "load+save" and r.error is None and r.changed is None}
+    focus = None
+    if case.large and "bnfold" in sound:
+        seconds = 4.0 if args.quick else 20.0
+        _log(f"  timing original and bnfold at three levels for {seconds:g} s")
+        focus = measure.time_variants({"original": case.path, "bnfold": sound["bnfold"]}, feeds,
+                                      levels=("disabled", "basic", "all"), creations=3, seconds=seconds)
+    seconds = (3.0 if case.large else 0.5) if args.quick else (12.0 if case.large else 1.0)
+    _log(f"  timing {len(sound) + 1} variants for {seconds:g} s")
+    timings = measure.time_variants({"original": case.path, **sound}, feeds,
+                                    creations=3 if case.large else 2, seconds=seconds)
+    return timings, focus
 
 
 def _fold_once(case: Case, result: ToolResult) -> None:
-    """One fresh process: import the tool, load + fold + save, report time and memory."""
+    """One fresh process: import the tool, load + fold + save, report time and memory. The previous
+    output goes first, so that no tool's time includes the file system freeing an old file."""
+    result.output.unlink(missing_ok=True)
     command = [sys.executable, str(HERE / "tools.py"), result.tool, str(case.path), str(result.output)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
         figures = _last_json(done.stdout)
     except subprocess.TimeoutExpired:
         figures = {"error": "timed out after 900 s"}
@@ -187,12 +207,12 @@ def _fold_once(case: Case, result: ToolResult) -> None:
     _log(f"  {result.tool}: {figures['fold_s']:.3f} s, peak {figures['peak_rss_mb']:.0f} MB")
 
 
-def _check_output(result: ToolResult, feeds, reference, original: measure.Quality) -> None:
+def _check_output(result: ToolResult, reference: measure.Reference, original: measure.Quality) -> None:
     if result.error is not None:
         return
     try:
-        result.quality = measure.assess(result.output, feeds, reference)
-    except Exception as exc:  # a peer's output that onnxruntime cannot run is a finding
+        result.quality = measure.assess(result.output, reference)
+    except Exception as exc:  # noqa: BLE001 - a peer's output that onnxruntime cannot run is a finding
         result.error = f"output does not run: {' '.join(str(exc).split())[:200]}"
         return
     result.changed = measure.changed_function(result.quality, original)
@@ -220,18 +240,40 @@ def baseline_rss() -> float:
     return statistics.median(values)
 
 
-def profile_bnfold(case: Case, work: Path) -> list[tuple[str, float, float, int]]:
-    """Where bnfold's time goes on a large model: cProfile's top functions by own time."""
+def profile_bnfold(case: Case, work: Path) -> dict:
+    """Where bnfold's time and memory go on a large model, from two more runs in fresh processes.
+
+    `phases`: memory and time per phase (tools.MemorySampler); `cumulative`: cProfile's bnfold
+    functions by cumulative time; `own`: every function by its own time.
+    """
     import pstats
-    prof = work / f"{case.name}.prof"
-    subprocess.run([sys.executable, str(HERE / "tools.py"), "bnfold", str(case.path),
-                    str(work / "profiled.onnx"), "--profile", str(prof)], check=True, cwd=ROOT,
-                   capture_output=True)
-    stats = pstats.Stats(str(prof))
+    output, prof = work / "profiled.onnx", work / f"{case.name}.prof"
+
+    def run(*flags: str) -> str:
+        output.unlink(missing_ok=True)
+        return subprocess.run([sys.executable, str(HERE / "tools.py"), "bnfold", str(case.path), str(output),
+                               *flags], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+    phases = _last_json(run("--memory"))["memory_phases"]
+    run("--profile", str(prof))
     rows = []
-    for (file, line, func), (_, calls, own, cumulative, _) in stats.stats.items():
-        rows.append((f"{Path(file).name}:{line}({func})", own, cumulative, calls))
-    return sorted(rows, key=lambda r: r[1], reverse=True)[:12]
+    for (file, line, func), (_, calls, own, cumulative, _) in pstats.Stats(str(prof)).stats.items():
+        rows.append((f"{_short_path(file)}:{line}({func})", own, cumulative, calls))
+    ours = [r for r in rows if r[0].startswith("bnfold/")]
+    return {"phases": phases,
+            "cumulative": sorted(ours, key=lambda r: r[2], reverse=True)[:15],
+            "own": sorted(rows, key=lambda r: r[1], reverse=True)[:12]}
+
+
+def _short_path(file: str) -> str:
+    """`.../site-packages/onnx/checker.py` -> `onnx/checker.py`; builtins stay as cProfile names them."""
+    parts = Path(file).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    if "bnfold" in parts:
+        return "/".join(parts[len(parts) - 1 - parts[::-1].index("bnfold"):])
+    return Path(file).name
 
 
 # ------------------------------------------------------------------------------------------- helpers

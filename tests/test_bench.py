@@ -37,9 +37,9 @@ def conv_model(*, bn: bool, input_name: str = "x", dims=("N", 3, 8, 8), elem=Ten
         nodes.append(helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"]))
     else:
         nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [dims[0], 4, *dims[2:]])
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(input_name, elem, list(dims))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dims[0], 4, *dims[2:]])],
-                              inits)
+                              [output], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -121,9 +121,16 @@ def test_fake_costs_give_exact_statistics_and_verdict():
 
 def test_slower_candidate_is_called_slower():
     a, b = conv_model(bn=True), conv_model(bn=False)
-    report = FakeWorld(a, b, costs=(0.001, 0.003)).bench(a, b, levels=("disabled",), warmup=0, runs=4)
+    report = FakeWorld(a, b, costs=(0.001, 0.003)).bench(a, b, levels=("disabled",), warmup=0, runs=5)
     assert report.levels[0].verdict == "slower"
     assert "3.000x slower" in report.levels[0].verdict_line(0.95)
+
+
+def test_too_few_pairs_give_no_verdict():
+    a, b = conv_model(bn=True), conv_model(bn=False)
+    report = FakeWorld(a, b, costs=(0.002, 0.001)).bench(a, b, levels=("all",), warmup=0, runs=4)
+    assert report.levels[0].verdict == "too-few-runs"
+    assert "too few runs for a verdict" in report.levels[0].verdict_line(0.95)
 
 
 def test_time_budget_stops_after_budget_but_not_before_min_pairs():
@@ -260,12 +267,12 @@ def test_cli_json_is_one_document(pair, capsys):
             assert lat["runs"] == 3 and len(lat["samples"]) == 3
             assert lat["p10"] <= lat["median"] <= lat["p90"]
             assert len(level[side]["session_creation_ms"]["samples"]) == 1
-        assert level["verdict"] in ("faster", "slower", "no-significant-difference")
+        assert level["verdict"] == "too-few-runs"  # 3 pairs: below MIN_VERDICT_PAIRS
         assert level["ci"][0] <= level["ci"][1]
 
 
 def test_cli_table_has_rows_and_verdicts(pair, capsys):
-    code = main(["bench", *pair, "--runs", "2", "--warmup", "0", "--creations", "1", "--level", "extended"])
+    code = main(["bench", *pair, "--runs", "5", "--warmup", "0", "--creations", "1", "--level", "extended"])
     out, _ = capsys.readouterr()
     assert code == 0
     assert "extended" in out and "baseline" in out and "candidate" in out
@@ -330,7 +337,7 @@ def test_prefixed_arguments_round_trip():
     import argparse
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs")  # a command's own option must not clash with the prefixed ones
-    bench.add_bench_arguments(parser, prefix="bench-")
+    bench.add_bench_arguments(parser.add_argument_group("bench"), prefix="bench-")
     args = parser.parse_args(["--bench-runs", "7", "--bench-level", "basic,all", "--bench-shape",
                               "x=1x3x8x8", "--bench-threads", "2"])
     options = bench.options_from_args(args, prefix="bench-")
@@ -375,14 +382,30 @@ def test_harness_counts_ops_and_flags_a_changed_function(tmp_path):
     wrong = conv_model(bn=True)
     wrong.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.full(4, 3.0, np.float32), "s"))
     onnx.save(wrong, tmp_path / "wrong.onnx")
-    feeds, reference = measure.load_reference(tmp_path / "orig.npz")
-    original = measure.assess(tmp_path / "orig.onnx", feeds, reference)
+    reference = measure.load_reference(tmp_path / "orig.npz")
+    original = measure.assess(tmp_path / "orig.onnx", reference)
     assert (original.bn_left, original.nodes) == (1, 2)
-    assert original.max_abs < 1e-4
-    same = measure.assess(tmp_path / "orig.onnx", feeds, reference)
+    assert original.max_abs < 1e-4 and original.errors == [original.max_abs]
+    same = measure.assess(tmp_path / "orig.onnx", reference)
     assert measure.changed_function(same, original) is None
-    changed = measure.assess(tmp_path / "wrong.onnx", feeds, reference)
+    changed = measure.assess(tmp_path / "wrong.onnx", reference)
     assert "output y moved" in measure.changed_function(changed, original)
+
+
+def test_harness_float64_evaluation_extends_the_reference(tmp_path):
+    """Seeded inputs are added when the double-precision evaluation reproduces the stored output."""
+    from onnx.reference import ReferenceEvaluator
+    measure = _load_benchmark_module("measure")
+    model = conv_model(bn=True, dims=(1, 3, 8, 8))
+    onnx.save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    (exact,) = ReferenceEvaluator(measure.to_double(model)).run(None, {"x": x.astype(np.float64)})
+    np.savez(tmp_path / "m.npz", **{"input:x": x, "output:y": exact})
+    reference = measure.extend_reference(measure.load_reference(tmp_path / "m.npz"), tmp_path / "m.onnx", 3)
+    assert len(reference.samples) == 4 and "3 seeded inputs" in reference.note
+    np.savez(tmp_path / "m.npz", **{"input:x": x, "output:y": exact + 1.0})  # a reference it cannot match
+    reference = measure.extend_reference(measure.load_reference(tmp_path / "m.npz"), tmp_path / "m.onnx", 3)
+    assert len(reference.samples) == 1 and "does not reproduce" in reference.note
 
 
 def test_harness_smoke_run_writes_results(tmp_path):
@@ -393,7 +416,7 @@ def test_harness_smoke_run_writes_results(tmp_path):
     done = subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--samples", str(samples),
                            "--output", str(out), "--work", str(tmp_path / "work"),
                            "--tools", "load+save,bnfold,onnxruntime"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     text = out.read_text()
     assert "## Goals" in text and "## tiny" in text
