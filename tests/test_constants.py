@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from bnfold.fold import fold_model
 from tests.builders import assert_same_function, conv_bn, make_model, op_types
@@ -96,3 +97,21 @@ def test_dtype_only_reader_of_bn_output_does_not_block_a_forward_fold(rng):
     assert report.folded == 1 and report.decisions[0].rule == "bn-conv"
     assert op_types(folded) == ["Conv"]
     assert_same_function(model, folded)
+
+
+def test_every_constant_attribute_form_is_read(rng):
+    """Constant nodes with value_float(s)/value_int(s) evaluate like onnx's reference does."""
+    from bnfold.graph import GraphIndex, ModelContext
+    nodes = [helper.make_node("Constant", [], ["a"], value_floats=[1.5, -2.0]),
+             helper.make_node("Constant", [], ["b"], value_float=0.25),
+             helper.make_node("Constant", [], ["c"], value_ints=[3, 4]),
+             helper.make_node("Constant", [], ["d"], value_int=7),
+             helper.make_node("Cast", ["c"], ["e"], to=TensorProto.FLOAT16),
+             helper.make_node("Expand", ["b", "c"], ["f"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    index = GraphIndex(model.graph, ModelContext(model))
+    for name in "abcdef":
+        value = index.constant(name)
+        reference = ReferenceEvaluator(helper.make_model(helper.make_graph(
+            nodes, "g", [], [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)]))).run(None, {})[0]
+        assert value.dtype == reference.dtype and np.array_equal(value, reference), name
