@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .mapped import MappedFile, is_stub
+from .mapped import MappedFile, is_stub, weightless
 
 # Ops whose output is a pure function of their inputs and attributes: a cone of these over constants
 # is a constant. Random ops, control flow and ops outside the default domain are never evaluated.
@@ -144,39 +144,13 @@ def _collect_names(graph: onnx.GraphProto, names: set[str]) -> None:
 
 def _infer_types(model: onnx.ModelProto) -> dict[str, TensorType]:
     """Run shape inference on a copy without large weight payloads (same types, a fraction of the bytes)."""
-    skeleton = onnx.ModelProto(ir_version=model.ir_version)
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    graph = _without_initializers(model.graph)
-    declared = {v.name for v in graph.input}
-    for tensor in model.graph.initializer:
-        if not is_stub(tensor) and _payload_size(tensor) <= 4096:
-            graph.initializer.append(tensor)
-        elif tensor.name not in declared:  # keep its type and shape as an input so inference sees it
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
-    skeleton.graph.CopyFrom(graph)
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(weightless(model), data_prop=True)
     except Exception:  # inference is a best effort: unknown types only mean fewer folds
         return {}
     types: dict[str, TensorType] = {}
     _harvest_types(inferred.graph, types)
     return types
-
-
-def _without_initializers(graph: onnx.GraphProto) -> onnx.GraphProto:
-    copy = onnx.GraphProto()
-    copy.node.extend(graph.node)
-    copy.input.extend(graph.input)
-    copy.output.extend(graph.output)
-    copy.value_info.extend(graph.value_info)
-    copy.name = graph.name
-    return copy
-
-
-def _payload_size(tensor: onnx.TensorProto) -> int:
-    return len(tensor.raw_data) + 4 * (len(tensor.float_data) + len(tensor.int32_data)) + \
-        8 * (len(tensor.int64_data) + len(tensor.double_data))
 
 
 def _harvest_types(graph: onnx.GraphProto, types: dict[str, TensorType]) -> None:

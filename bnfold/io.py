@@ -17,7 +17,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import BnfoldError
-from .mapped import MappedFile, is_stub, load_mapped, record, record_prefix
+from .mapped import (MappedFile, copy_field, is_stub, load_mapped, payload_mismatch, record, record_prefix,
+                     weightless)
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
 
@@ -34,17 +35,48 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
 
 def open_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, MappedFile | None]:
     """Like load_model, but large initializers stay in the mapped file (see bnfold.mapped) unless
-    the model uses external data. Close the returned MappedFile after saving."""
+    the model uses external data. Close the returned MappedFile after saving.
+
+    The checker then runs on a weightless copy (bnfold.mapped.weightless) and bnfold checks each
+    stub's payload size itself: the same verdict as checking the file, without a second copy of the
+    weights in memory."""
     path = Path(path)
-    _validate_file(path, check=True)
+    _validate_file(path, check=False)
     try:
         model, source = load_mapped(path)
-    except (OSError, ValueError, DecodeError):
-        return _parse(path), None
-    if _has_external_data(model, ignore_stubs=True):
+    except (OSError, ValueError, IndexError, DecodeError):
+        return load_model(path), None  # let the file checker say what is wrong with it
+    if _has_external_data(model, ignore_stubs=True) or not model.HasField("graph") or model.ir_version <= 0:
         source.close()
-        return _parse(path), None
+        return load_model(path), None
+    try:
+        _check_mapped(model, path)
+    except BnfoldError:
+        source.close()
+        raise
     return model, source
+
+
+def _check_mapped(model: onnx.ModelProto, path: Path) -> None:
+    stubs = [t for t in model.graph.initializer if is_stub(t)]
+    for stub in stubs:
+        problem = payload_mismatch(stub)
+        if problem:
+            raise _rejected(path, problem)
+    if model.ir_version < 4:
+        inputs = {v.name for v in model.graph.input}
+        missing = next((t.name for t in stubs if t.name not in inputs), None)
+        if missing:
+            raise _rejected(path, f"{missing} in initializer but not in graph input")
+    try:
+        onnx.checker.check_model(weightless(model), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise _rejected(path, _short(exc)) from exc
+
+
+def _rejected(path: Path, reason: str) -> BnfoldError:
+    return BnfoldError(f"{path}: the ONNX checker rejects this model: {reason}",
+                       note="bnfold only rewrites models that onnx.checker.check_model accepts")
 
 
 def _validate_file(path: Path, check: bool) -> None:
@@ -86,10 +118,7 @@ def _check_file(path: Path) -> None:
             raise BnfoldError(f"{path}: not an ONNX model (not a protobuf ModelProto)") from exc
         if "does not have an ir_version" in str(exc):
             raise BnfoldError(f"{path}: not an ONNX model (no IR version)") from exc
-        raise BnfoldError(
-            f"{path}: the ONNX checker rejects this model: {_short(exc)}",
-            note="bnfold only rewrites models that onnx.checker.check_model accepts",
-        ) from exc
+        raise _rejected(path, _short(exc)) from exc
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -171,12 +200,12 @@ def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None
     head = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
-            _copy_field(head, field, value)
+            copy_field(head, field, value)
     handle.write(head.SerializeToString())
     skeleton = onnx.GraphProto()
     for field, value in graph.ListFields():
         if field.name != "initializer":
-            _copy_field(skeleton, field, value)
+            copy_field(skeleton, field, value)
     handle.write(record(_GRAPH_FIELD, skeleton.SerializeToString()))
     for tensor in graph.initializer:
         if is_stub(tensor):
@@ -191,15 +220,6 @@ def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None
         if is_stub(tensor):
             del body
             source.release(source.span(tensor))
-
-
-def _copy_field(target, field, value) -> None:
-    if field.is_repeated:
-        getattr(target, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(target, field.name).CopyFrom(value)
-    else:
-        setattr(target, field.name, value)
 
 
 def _materialize_stubs(model: onnx.ModelProto, source: MappedFile | None) -> None:

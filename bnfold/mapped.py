@@ -19,6 +19,12 @@ import numpy as np
 import onnx
 
 MARK = "bnfold:mapped"  # external_data location of a stub; never written to a file
+# Fixed-width types whose raw_data is a plain little-endian array (packed 4-bit types are excluded).
+_STUB_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+               onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+               onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+               onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+               onnx.TensorProto.BOOL}
 _STUB_MIN_BYTES = 1024  # smaller payloads are parsed normally
 _GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
@@ -76,6 +82,52 @@ class MappedFile:
         return full
 
 
+def payload_mismatch(stub: onnx.TensorProto) -> str | None:
+    """What onnx's checker would say of a stub's raw_data size, or None if it is right."""
+    start, end = _span(stub, "data")
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(stub.data_type)).itemsize
+    expected = int(np.prod(stub.dims, dtype=np.int64)) * itemsize
+    if any(d < 0 for d in stub.dims) or end - start != expected:
+        return (f"TensorProto (tensor name: {stub.name}) raw_data size ({end - start} bytes) does not match "
+                f"the declared shape and type ({expected} bytes)")
+    return None
+
+
+def weightless(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProto:
+    """A copy of `model` in which every stub and every main-graph initializer over `keep_bytes` is
+    declared as a graph input instead: the same names, types and shapes without the payload. onnx's
+    checker and shape inference see the same graph for a fraction of the memory."""
+    copy = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            copy_field(copy, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            copy_field(copy.graph, field, value)
+    declared = {v.name for v in model.graph.input}
+    for tensor in model.graph.initializer:
+        if not is_stub(tensor) and _payload_bytes(tensor) <= keep_bytes:
+            copy.graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            copy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return copy
+
+
+def copy_field(target, field, value) -> None:
+    """Set one field of `target` from (descriptor, value) as given by ListFields()."""
+    if field.is_repeated:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    return len(tensor.raw_data) + 4 * (len(tensor.float_data) + len(tensor.int32_data)) + \
+        8 * (len(tensor.int64_data) + len(tensor.double_data))
+
+
 def is_stub(tensor: onnx.TensorProto) -> bool:
     return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
         e.key == "location" and e.value == MARK for e in tensor.external_data)
@@ -125,6 +177,8 @@ def _stub(buffer, start: int, end: int) -> onnx.TensorProto | None:
         return None
     stub = onnx.TensorProto()
     stub.ParseFromString(bytes(header))
+    if stub.data_type not in _STUB_TYPES:
+        return None
     stub.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", MARK), ("record_start", start), ("record_end", end),
                        ("data_start", data[0]), ("data_end", data[1])):

@@ -79,3 +79,24 @@ def test_load_model_reads_what_onnx_reads(tmp_path, big_model):
     assert load_model(path) == big_model
     assert np.array_equal(onnx.numpy_helper.to_array(load_model(path).graph.initializer[0]),
                           onnx.numpy_helper.to_array(big_model.graph.initializer[0]))
+
+
+def test_wrong_payload_size_of_a_mapped_tensor_is_rejected(tmp_path, big_model):
+    """The checker sees weightless copies of mapped models; bnfold checks payload sizes itself."""
+    weight = big_model.graph.initializer[0]
+    weight.raw_data = weight.raw_data[:-4]
+    path = tmp_path / "bad.onnx"
+    onnx.save(big_model, path)
+    with pytest.raises(BnfoldError, match="checker rejects.*raw_data size"):
+        fold_file(path, tmp_path / "out.onnx")
+    with pytest.raises(onnx.checker.ValidationError):  # the same verdict as onnx's own checker
+        onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_checker_verdicts_agree_with_the_file_checker(tmp_path, big_model):
+    """A model the file checker rejects for a graph error is rejected through the mapped path too."""
+    big_model.graph.node[0].input[1] = "no_such_weight"
+    path = tmp_path / "bad.onnx"
+    onnx.save(big_model, path)
+    with pytest.raises(BnfoldError, match="checker rejects"):
+        fold_file(path, tmp_path / "out.onnx")
