@@ -1,13 +1,26 @@
-"""bnfold: fold BatchNormalization into neighbouring linear operators of ONNX models, and prove it."""
+"""bnfold: fold BatchNormalization into neighbouring linear operators of ONNX models, and prove it.
 
-from .bench import BenchOptions, BenchReport, bench_models
+The fold API is imported eagerly; verify, bench and export (which pull in onnxruntime or torch) are
+imported on first use, so `import bnfold` stays light.
+"""
+
+from importlib import import_module
+
 from .errors import BnfoldError
 from .fold import fold_file, fold_model
-from .export import export_model
 from .report import Decision, FoldReport
-from .verify import (DEFAULT_TOLERANCES, Tolerance, VerifyOptions, VerifyReport, verify_against_reference,
-                     verify_models)
 
-__all__ = ["BenchOptions", "BenchReport", "BnfoldError", "DEFAULT_TOLERANCES", "Decision", "FoldReport", "Tolerance", "VerifyOptions",
-           "VerifyReport", "bench_models", "export_model", "fold_file", "fold_model", "verify_against_reference",
-           "verify_models"]
+_LAZY = {
+    "verify_models": "verify", "verify_against_reference": "verify", "VerifyOptions": "verify",
+    "VerifyReport": "verify", "Tolerance": "verify", "DEFAULT_TOLERANCES": "verify",
+    "bench_models": "bench", "BenchOptions": "bench", "BenchReport": "bench",
+    "export_model": "export",
+}
+
+__all__ = ["BnfoldError", "Decision", "FoldReport", "fold_file", "fold_model", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

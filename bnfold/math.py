@@ -8,7 +8,8 @@ Inference-mode BatchNormalization is a per-channel affine map::
 Folding it into the linear op ``z = W x + b`` in front of it scales the weights of each output channel
 and maps the bias through the same affine: ``W' = scale * W``, ``b' = scale * b + shift``. Folding it
 into the linear op behind it (``z = W (scale * x + shift) + b``) scales each *input* channel of W and
-moves ``W shift`` into the bias. Every function takes and returns float64 arrays; callers cast once.
+moves ``W shift`` into the bias. Everything is computed in float64; the weights are rounded once to
+`out_dtype` (float64 unless the caller asks for the weight's own dtype), the biases returned in float64.
 """
 
 from __future__ import annotations
@@ -30,41 +31,59 @@ def _per_axis(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
     return values.reshape(shape)
 
 
-def fold_after_conv(weight, bias, scale, shift) -> tuple[np.ndarray, np.ndarray]:
+_BLOCK_ELEMENTS = 1 << 14  # float64 work in 128 KiB blocks: large temporaries would fragment the heap
+
+
+def scale_rows(weight, factors: np.ndarray, out_dtype=np.float64) -> np.ndarray:
+    """`weight * factors` in float64, rounded once to `out_dtype`. `factors` broadcasts against
+    `weight` and its axis 0 is 1 or weight's axis 0; the product is formed a block of rows at a time."""
+    weight = np.asarray(weight)
+    out = np.empty(weight.shape, dtype=out_dtype)
+    if weight.size == 0:
+        return out
+    rows = max(1, _BLOCK_ELEMENTS // max(1, weight.size // weight.shape[0]))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows].astype(np.float64)
+        block *= factors if factors.shape[0] == 1 else factors[start:start + rows]
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[start:start + rows] = block
+    return out
+
+
+def fold_after_conv(weight, bias, scale, shift, out_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """Conv then BN: output channels are weight axis 0 ([M, C/g, k...]) whatever the group count."""
-    new_weight = np.array(weight, dtype=np.float64)  # a copy, scaled in place: one float64 buffer
-    new_weight *= _per_axis(scale, 0, new_weight.ndim)
-    bias = np.zeros(new_weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    weight = np.asarray(weight)
+    new_weight = scale_rows(weight, _per_axis(scale, 0, weight.ndim), out_dtype)
+    bias = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
     return new_weight, bias * scale + shift
 
 
-def fold_after_conv_transpose(weight, bias, scale, shift, groups: int) -> tuple[np.ndarray, np.ndarray]:
+def fold_after_conv_transpose(weight, bias, scale, shift, groups: int,
+                              out_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """ConvTranspose then BN: weight is [C_in, C_out/g, k...]; output channel g*(C_out/g)+j of group
     g is column j of the rows of that group, so scale is applied per (group, column) pair."""
-    new_weight = np.array(weight, dtype=np.float64)
-    c_in, c_out_per_group = new_weight.shape[0], new_weight.shape[1]
-    grouped = new_weight.reshape(groups, c_in // groups, c_out_per_group, *new_weight.shape[2:])
-    grouped *= scale.reshape(groups, 1, c_out_per_group, *([1] * (new_weight.ndim - 2)))
-    c_out = groups * c_out_per_group
-    bias = np.zeros(c_out) if bias is None else np.asarray(bias, dtype=np.float64)
-    return new_weight, bias * scale + shift
+    weight = np.asarray(weight)
+    c_in, c_out_per_group = weight.shape[0], weight.shape[1]
+    per_row = np.repeat(scale.reshape(groups, c_out_per_group), c_in // groups, axis=0)  # [C_in, C_out/g]
+    factors = per_row.reshape(c_in, c_out_per_group, *([1] * (weight.ndim - 2)))
+    bias = np.zeros(groups * c_out_per_group) if bias is None else np.asarray(bias, dtype=np.float64)
+    return scale_rows(weight, factors, out_dtype), bias * scale + shift
 
 
-def fold_after_gemm(b_matrix, c, scale, shift, trans_b: bool, beta: float) -> tuple[np.ndarray, np.ndarray]:
+def fold_after_gemm(b_matrix, c, scale, shift, trans_b: bool, beta: float,
+                    out_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """Gemm (Y = alpha A' B' + beta C) then BN on Y's axis 1: scale the columns of B' (rows of B when
     transB) and replace C by beta*C*scale + shift, to be used with beta = 1."""
-    b_matrix = np.asarray(b_matrix, dtype=np.float64)
-    new_b = b_matrix * (scale[:, None] if trans_b else scale[None, :])
+    new_b = scale_rows(b_matrix, scale[:, None] if trans_b else scale[None, :], out_dtype)
     c_term = 0.0 if c is None else np.float64(beta) * np.asarray(c, dtype=np.float64)
     new_c = c_term * scale + shift
     return new_b, _compact_bias(new_c)
 
 
-def fold_after_matmul(weight, bias, scale, shift) -> tuple[np.ndarray, np.ndarray]:
+def fold_after_matmul(weight, bias, scale, shift, out_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """MatMul (X [M,K] @ W [K,N]) with an optional added bias, then BN over N."""
-    weight = np.asarray(weight, dtype=np.float64)
     bias_term = 0.0 if bias is None else np.asarray(bias, dtype=np.float64)
-    return weight * scale[None, :], _compact_bias(bias_term * scale + shift)
+    return scale_rows(weight, scale[None, :], out_dtype), _compact_bias(bias_term * scale + shift)
 
 
 def _compact_bias(bias: np.ndarray) -> np.ndarray:

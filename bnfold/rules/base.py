@@ -146,10 +146,10 @@ def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """Round float64 results once to the weight's dtype; refuse if that is not finite (an inf or NaN
     in float64 stays one after the cast, so one check on the result covers both)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        cast = values.astype(dtype)
+        cast = values if values.dtype == dtype else values.astype(dtype)
     if np.isfinite(cast).all():
         return cast
-    if not np.isfinite(values).all():
+    if values.dtype == np.float64 and not np.isfinite(values).all():
         raise Refusal("dtype-overflow", f"folded {what} are not finite in float64")
     bad = int((~np.isfinite(cast)).sum())
     raise Refusal("dtype-overflow", f"{bad} folded {what} value(s) overflow {dtype.name}")

@@ -40,9 +40,9 @@ class ConvThenBN(FoldRule):
         channels = weight.shape[1] * groups if transposed else weight.shape[0]
         scale, shift = bn_affine(bn, index, channels)
         if transposed:
-            new_weight, new_bias = fold_after_conv_transpose(weight, bias, scale, shift, groups)
+            new_weight, new_bias = fold_after_conv_transpose(weight, bias, scale, shift, groups, dtype)
         else:
-            new_weight, new_bias = fold_after_conv(weight, bias, scale, shift)
+            new_weight, new_bias = fold_after_conv(weight, bias, scale, shift, dtype)
         return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_bias, dtype, "biases")})
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:

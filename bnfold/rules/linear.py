@@ -39,7 +39,7 @@ class GemmThenBN(FoldRule):
         n = b_matrix.shape[0] if trans_b else b_matrix.shape[1]
         scale, shift = bn_affine(bn, index, n)
         beta = float(attribute(gemm, "beta", 1.0))
-        new_b, new_c = fold_after_gemm(b_matrix, c, scale, shift, trans_b, beta)
+        new_b, new_c = fold_after_gemm(b_matrix, c, scale, shift, trans_b, beta, dtype)
         return Plan({1: cast_checked(new_b, dtype, "weights"), 2: cast_checked(new_c, dtype, "biases")},
                     attributes={"beta": 1.0})
 
@@ -91,7 +91,7 @@ class MatMulThenBN(FoldRule):
         if bias is not None and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, weight.shape[1]))):
             raise Refusal("channel-axis-mismatch", f"Add bias of shape {list(bias.shape)} is not per output column")
         scale, shift = bn_affine(bn, index, weight.shape[1])
-        new_weight, new_bias = fold_after_matmul(weight, bias, scale, shift)
+        new_weight, new_bias = fold_after_matmul(weight, bias, scale, shift, dtype)
         return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"))
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
