@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -35,6 +34,8 @@ import measure
 import numpy as np
 import report
 from tools import PACKAGES, TOOLS
+
+from bnfold.io import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report.render(results, base_rss=base_rss, environment=environment(tools),
                          command=_command(argv), minutes=(time.perf_counter() - started) / 60,
                          profiles=profiles)
-    _write_atomically(Path(args.output), text)
+    write_text_atomic(Path(args.output), text)
     _log(f"wrote {args.output} in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
 
@@ -300,17 +301,6 @@ def _cpu_name() -> str:
 
 def _command(argv) -> str:
     return " ".join(["python benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
 
 
 def _log(message: str) -> None:

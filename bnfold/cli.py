@@ -110,7 +110,8 @@ def _emit_fold_reports(args, reports) -> None:
     import json
     document = reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}
     if args.report:
-        _write_text_atomic(args.report, json.dumps(document, indent=2) + "\n")
+        from .io import write_text_atomic
+        write_text_atomic(args.report, json.dumps(document, indent=2) + "\n")
     if args.json:
         print(json.dumps(document, indent=2))
         return
@@ -159,22 +160,6 @@ def cmd_inspect(args) -> int:
 def _console():
     from rich.console import Console
     return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    import os
-    import tempfile
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise BnfoldError(f"{path}: folder {folder} does not exist")
-    handle, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
 
 
 # -------------------------------------------------------------------------------------------- verify

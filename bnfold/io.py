@@ -184,6 +184,22 @@ def _save_with_external_data(model, path: Path, folder: Path, source, accept) ->
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a report) through a temporary file in its folder, renamed into place."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise BnfoldError(f"{path}: folder {folder} does not exist")
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 
