@@ -100,3 +100,14 @@ def test_checker_verdicts_agree_with_the_file_checker(tmp_path, big_model):
     onnx.save(big_model, path)
     with pytest.raises(BnfoldError, match="checker rejects"):
         fold_file(path, tmp_path / "out.onnx")
+
+
+def test_folding_a_folded_file_gives_the_same_bytes(tmp_path, big_model):
+    """Invariant 5 through files: bnfold's own output format (one graph record per initializer)
+    is read back through the memory map and written again unchanged."""
+    path = tmp_path / "m.onnx"
+    onnx.save(big_model, path)
+    fold_file(path, tmp_path / "once.onnx")
+    report = fold_file(tmp_path / "once.onnx", tmp_path / "twice.onnx")
+    assert report.total == 0
+    assert (tmp_path / "once.onnx").read_bytes() == (tmp_path / "twice.onnx").read_bytes()
