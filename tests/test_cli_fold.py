@@ -177,3 +177,16 @@ def test_exclude_node_with_unknown_name_is_an_error(model_file, tmp_path, capsys
     assert main(["fold", str(model_file), "-o", str(tmp_path / "o.onnx"), "--exclude-node", "typo"]) == 2
     assert "no BatchNormalization node has that name" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_errors_survive_the_trip_between_processes():
+    """--jobs runs folds in worker processes: errors must keep their note, exit code and report."""
+    import pickle
+
+    from bnfold.errors import BnfoldError
+    from bnfold.fold import VerificationFailed
+    from bnfold.report import FoldReport
+    error = pickle.loads(pickle.dumps(BnfoldError("bad", note="fix it", exit_code=2)))
+    assert (error.message, error.note, error.exit_code) == ("bad", "fix it", 2)
+    failed = pickle.loads(pickle.dumps(VerificationFailed(FoldReport(model="m.onnx"))))
+    assert failed.exit_code == 1 and failed.report.model == "m.onnx"
