@@ -138,7 +138,7 @@ def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: set[str], path: s
             continue
         _describe(decision, rule, match)
         rule.rewrite(match, plan, index)
-        decision.reason = FOLDED
+        decision.reason, decision.detail = FOLDED, rule.summary
         return decision
     if first_refusal is not None:
         rule, match, refusal = first_refusal

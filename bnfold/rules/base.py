@@ -51,8 +51,9 @@ class Plan:
 
 
 class FoldRule:
-    """Base of every rule; subclasses define name, match, check and rewrite."""
+    """Base of every rule; subclasses define name, summary (what a fold does), match, check, rewrite."""
     name = "rule"
+    summary = ""
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
         raise NotImplementedError

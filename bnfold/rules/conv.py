@@ -19,6 +19,7 @@ from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_ch
 class ConvThenBN(FoldRule):
     """Conv -> BN and ConvTranspose -> BN."""
     name = "conv-bn"
+    summary = "scaled its output channels' filters and mapped its bias"
     ops = ("Conv", "ConvTranspose")
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:

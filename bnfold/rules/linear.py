@@ -19,6 +19,7 @@ from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_ch
 class GemmThenBN(FoldRule):
     """Gemm -> BN."""
     name = "gemm-bn"
+    summary = "scaled the columns of B' and mapped C (beta = 1)"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
         producer = index.producer.get(bn.input[0])
@@ -56,6 +57,7 @@ class GemmThenBN(FoldRule):
 class MatMulThenBN(FoldRule):
     """MatMul -> BN and MatMul -> Add(constant) -> BN, with a 2-D MatMul output."""
     name = "matmul-bn"
+    summary = "scaled the weight's columns and mapped (or added) the bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
         producer = index.producer.get(bn.input[0])

@@ -34,6 +34,7 @@ def _bn_output_exclusive(match: Match, index: GraphIndex) -> None:
 class BNThenConv(FoldRule):
     """BN -> Conv with no padding (any group count, stride, dilation)."""
     name = "bn-conv"
+    summary = "scaled its input channels and added W * shift to its bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
         conv = _consumer(bn, index, ("Conv",))
@@ -76,6 +77,7 @@ def _check_no_padding(conv: onnx.NodeProto, weight: np.ndarray) -> None:
 class BNThenLinear(FoldRule):
     """BN -> Gemm (transA = 0) and BN -> MatMul over a 2-D input, into the weight's rows."""
     name = "bn-linear"
+    summary = "scaled the weight's rows and added shift @ W to the bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
         node = _consumer(bn, index, ("Gemm", "MatMul"))
