@@ -28,18 +28,16 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .errors import BnfoldError
-from .io import load_model
+from .io import atomic_output, first_line, load_model
 
 LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -240,7 +238,7 @@ def _ort_session(source, level: str, options: BenchOptions):
         return ort.InferenceSession(source, so, providers=[options.provider])
     except Exception as exc:  # onnxruntime raises its own exception types, all with a message
         where = source if isinstance(source, str) else "model"
-        raise BnfoldError(f"{where}: onnxruntime cannot create a session ({_first_line(exc)})") from exc
+        raise BnfoldError(f"{where}: onnxruntime cannot create a session ({first_line(exc)})") from exc
 
 
 def _create_sessions(factory, sources, level, options, clock):
@@ -473,25 +471,15 @@ def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise BnfoldError(f"{path}: output folder {folder} does not exist")
     fig, axes = plt.subplots(1, len(report.levels), figsize=(5 * len(report.levels), 3.6), squeeze=False)
     for ax, level in zip(axes[0], report.levels):
         _plot_level(ax, level, report.options.confidence)
     fig.tight_layout()
-    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
     try:
-        fig.savefig(staged, format="png", dpi=110)
-        os.replace(staged, path)
-    except OSError as exc:
-        raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        with atomic_output(path) as staged:
+            fig.savefig(staged, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(staged):
-            os.unlink(staged)
 
 
 def _plot_level(ax, level: LevelResult, confidence: float) -> None:
@@ -583,10 +571,3 @@ def _relative(ratio: float) -> str:
 
 def _ms(seconds: float) -> float:
     return float(seconds) * 1e3
-
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__

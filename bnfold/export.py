@@ -32,9 +32,7 @@ import io
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -45,7 +43,7 @@ import numpy as np
 import onnx
 
 from .errors import EXIT_CHECK_FAILED, BnfoldError
-from .io import check_model, save_model
+from .io import atomic_output, check_model, save_model
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
@@ -148,20 +146,12 @@ def randomize_batchnorm(module, seed: int) -> None:
 
 def write_npz(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write an uncompressed .npz atomically and reproducibly (fixed zip timestamps, sorted keys)."""
-    path = Path(path)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        staged = staging / path.name
+    with atomic_output(path) as staged:
         with zipfile.ZipFile(staged, "w", zipfile.ZIP_STORED) as archive:
             for key in sorted(arrays):
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with archive.open(info, "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
-        os.replace(staged, path)
-    except OSError as exc:
-        raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def count_batchnorm_nodes(model: onnx.ModelProto) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -71,7 +72,7 @@ def _check_mapped(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(weightless(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise _rejected(path, _short(exc)) from exc
+        raise _rejected(path, first_line(exc)) from exc
 
 
 def _rejected(path: Path, reason: str) -> BnfoldError:
@@ -94,7 +95,7 @@ def _parse(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise BnfoldError(f"{path}: not an ONNX model ({_short(exc)})") from exc
+        raise BnfoldError(f"{path}: not an ONNX model ({first_line(exc)})") from exc
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not model.HasField("graph") or model.ir_version <= 0:
@@ -104,7 +105,7 @@ def _parse(path: Path) -> onnx.ModelProto:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:  # onnx raises several types for bad or unsafe locations
             raise BnfoldError(
-                f"{path}: cannot load external data ({_short(exc)})",
+                f"{path}: cannot load external data ({first_line(exc)})",
                 note="external data files must sit next to the model, inside its folder",
             ) from exc
     return model
@@ -118,7 +119,7 @@ def _check_file(path: Path) -> None:
             raise BnfoldError(f"{path}: not an ONNX model (not a protobuf ModelProto)") from exc
         if "does not have an ir_version" in str(exc):
             raise BnfoldError(f"{path}: not an ONNX model (no IR version)") from exc
-        raise _rejected(path, _short(exc)) from exc
+        raise _rejected(path, first_line(exc)) from exc
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -127,7 +128,7 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise BnfoldError(
-            f"the ONNX checker rejects this model: {_short(exc)}",
+            f"the ONNX checker rejects this model: {first_line(exc)}",
             note="bnfold only rewrites models that onnx.checker.check_model accepts",
         ) from exc
 
@@ -149,22 +150,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         if external_data:
             _save_with_external_data(model, path, folder, source, accept)
         else:
-            _save_streamed(model, path, folder, source, accept)
+            _save_streamed(model, path, source, accept)
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
-def _save_streamed(model, path: Path, folder: Path, source, accept) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as out:
+def _save_streamed(model, path: Path, source, accept) -> None:
+    with atomic_output(path) as staged:
+        with open(staged, "wb") as out:
             write_model(model, out, source)
         if accept is not None:
-            accept(Path(temp))
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+            accept(staged)
 
 
 def _save_with_external_data(model, path: Path, folder: Path, source, accept) -> None:
@@ -184,20 +180,32 @@ def _save_with_external_data(model, path: Path, folder: Path, source, accept) ->
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file (a report) through a temporary file in its folder, renamed into place."""
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary file in `path`'s folder to write; rename it to `path` only if the block
+    succeeds. Whatever happens, no temporary file is left, and an OSError becomes a BnfoldError."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise BnfoldError(f"{path}: folder {folder} does not exist")
+        raise BnfoldError(f"{path}: output folder {folder} does not exist")
+    if path.is_dir():
+        raise BnfoldError(f"{path}: is a directory")
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
+        yield Path(temp)
         os.replace(temp, path)
+    except OSError as exc:
+        raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a report) atomically."""
+    with atomic_output(path) as staged:
+        staged.write_text(text)
 
 
 _GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
@@ -261,7 +269,7 @@ def _has_external_data(model: onnx.ModelProto, ignore_stubs: bool = False) -> bo
                for t in onnx.external_data_helper._get_all_tensors(model))
 
 
-def _short(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """First non-empty line of an exception message, for one-line errors."""
     for line in str(exc).splitlines():
         if line.strip():

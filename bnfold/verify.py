@@ -27,7 +27,7 @@ import onnx
 from .errors import BnfoldError
 from .inputs import (InputSpec, Sample, generate_samples, input_specs, load_samples, merge_specs,
                      parse_shape, plan_shapes)
-from .io import load_model
+from .io import first_line, load_model
 
 CPU = "CPUExecutionProvider"
 _MAX_POSITIONS = 5  # NaN/Inf positions listed per output
@@ -377,7 +377,7 @@ class _Session:
             with _serialized(model) as source:
                 self._session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated types for bad models
-            raise BnfoldError(f"{label}: onnxruntime cannot load the model ({_first_line(exc)})") from exc
+            raise BnfoldError(f"{label}: onnxruntime cannot load the model ({first_line(exc)})") from exc
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, sample: Sample, names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -388,7 +388,7 @@ class _Session:
         try:
             values = self._session.run_with_ort_values(names, feeds)
         except Exception as exc:  # onnxruntime raises several unrelated types for run failures
-            raise BnfoldError(f"{self.label}: onnxruntime failed on {sample.label} ({_first_line(exc)})",
+            raise BnfoldError(f"{self.label}: onnxruntime failed on {sample.label} ({first_line(exc)})",
                               note="if a symbolic dim got a default that does not fit, set it with "
                                    "--shape NAME=DxDx...") from exc
         return {name: _to_numpy(value, name, self.label) for name, value in zip(names, values)}
@@ -448,11 +448,6 @@ def _to_numpy(value, name: str, label: str) -> np.ndarray:
         return np.zeros(shape, dtype)
     raw = (ctypes.c_uint8 * size).from_address(value.data_ptr())
     return np.frombuffer(raw, np.uint8).copy().view(dtype).reshape(shape)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 # -------------------------------------------------------------------------------------------- verify

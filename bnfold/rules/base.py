@@ -100,6 +100,13 @@ def constant(index: GraphIndex, name: str, what: str) -> np.ndarray:
         raise Refusal(exc.reason, f"{what}: {exc.detail}") from None
 
 
+def optional_constant(index: GraphIndex, node: onnx.NodeProto, position: int, what: str) -> np.ndarray | None:
+    """The value of an optional input (a bias, Gemm's C), or None when the node omits it."""
+    if len(node.input) <= position or not node.input[position]:
+        return None
+    return constant(index, node.input[position], what)
+
+
 def bn_affine(bn: onnx.NodeProto, index: GraphIndex, channels: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The BN's per-channel (scale, shift) in float64, after checking statistics and channel count."""
     names = ("scale", "B", "mean", "var")

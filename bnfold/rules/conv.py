@@ -13,7 +13,7 @@ import onnx
 from ..graph import GraphIndex
 from ..math import fold_after_conv, fold_after_conv_transpose
 from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
-                   set_folded_input, single_consumer, weight_dtype)
+                   optional_constant, set_folded_input, single_consumer, weight_dtype)
 
 
 class ConvThenBN(FoldRule):
@@ -32,7 +32,7 @@ class ConvThenBN(FoldRule):
         conv, bn = match.neighbour, match.bn
         single_consumer(index, conv.output[0], bn, conv.op_type)
         weight = constant(index, conv.input[1], f"{conv.op_type} weight")
-        bias = constant(index, conv.input[2], f"{conv.op_type} bias") if len(conv.input) > 2 and conv.input[2] else None
+        bias = optional_constant(index, conv, 2, f"{conv.op_type} bias")
         if weight.ndim < 3:
             raise Refusal("rank-unknown", f"{conv.op_type} weight has rank {weight.ndim}, expected >= 3")
         dtype = weight_dtype(weight, f"{conv.op_type} weight")

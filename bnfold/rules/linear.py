@@ -13,7 +13,7 @@ import onnx
 from ..graph import GraphIndex
 from ..math import fold_after_gemm, fold_after_matmul
 from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
-                   set_folded_input, single_consumer, weight_dtype)
+                   optional_constant, set_folded_input, single_consumer, weight_dtype)
 
 
 class GemmThenBN(FoldRule):
@@ -31,8 +31,7 @@ class GemmThenBN(FoldRule):
         gemm, bn = match.neighbour, match.bn
         single_consumer(index, gemm.output[0], bn, "Gemm")
         b_matrix = constant(index, gemm.input[1], "Gemm B")
-        has_c = len(gemm.input) > 2 and bool(gemm.input[2])
-        c = constant(index, gemm.input[2], "Gemm C") if has_c else None
+        c = optional_constant(index, gemm, 2, "Gemm C")
         dtype = weight_dtype(b_matrix, "Gemm B")
         trans_b = bool(attribute(gemm, "transB", 0))
         if b_matrix.ndim != 2:

@@ -14,7 +14,7 @@ import onnx
 from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
 from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
-                   set_folded_input, weight_dtype)
+                   optional_constant, set_folded_input, weight_dtype)
 from .linear import set_attribute
 
 
@@ -44,7 +44,7 @@ class BNThenConv(FoldRule):
         conv, bn = match.neighbour, match.bn
         _bn_output_exclusive(match, index)
         weight = constant(index, conv.input[1], "Conv weight")
-        bias = constant(index, conv.input[2], "Conv bias") if len(conv.input) > 2 and conv.input[2] else None
+        bias = optional_constant(index, conv, 2, "Conv bias")
         dtype = weight_dtype(weight, "Conv weight")
         _check_no_padding(conv, weight)
         groups = int(attribute(conv, "group", 1))
@@ -109,8 +109,8 @@ class BNThenLinear(FoldRule):
         k_by_n = weight.T if trans_b else weight
         scale, shift = bn_affine(bn, index, k_by_n.shape[0])
         alpha, beta = float(attribute(gemm, "alpha", 1.0)), float(attribute(gemm, "beta", 1.0))
-        has_c = len(gemm.input) > 2 and bool(gemm.input[2])
-        c = constant(index, gemm.input[2], "Gemm C").astype(np.float64) if has_c else 0.0
+        c = optional_constant(index, gemm, 2, "Gemm C")
+        c = 0.0 if c is None else c.astype(np.float64)
         new_k_by_n, response = fold_before_matmul(k_by_n, None, scale, shift)
         new_c = beta * c + alpha * response
         new_c = new_c.reshape(-1) if new_c.ndim == 2 and new_c.shape[0] == 1 else new_c
