@@ -140,11 +140,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     `accept(staged_path)` runs on the complete file before it is renamed into place; if it raises,
     nothing is written."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise BnfoldError(f"{path}: output folder {folder} does not exist")
-    if path.is_dir():
-        raise BnfoldError(f"{path}: is a directory")
+    folder = _output_folder(path)
     external_data = external_data or _payload_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
     try:
         if external_data:
@@ -180,16 +176,22 @@ def _save_with_external_data(model, path: Path, folder: Path, source, accept) ->
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike):
-    """Yield a temporary file in `path`'s folder to write; rename it to `path` only if the block
-    succeeds. Whatever happens, no temporary file is left, and an OSError becomes a BnfoldError."""
-    path = Path(path)
+def _output_folder(path: Path) -> Path:
+    """The existing folder `path` will be written into; refuse a missing folder or a directory."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BnfoldError(f"{path}: output folder {folder} does not exist")
     if path.is_dir():
         raise BnfoldError(f"{path}: is a directory")
+    return folder
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary file in `path`'s folder to write; rename it to `path` only if the block
+    succeeds. Whatever happens, no temporary file is left, and an OSError becomes a BnfoldError."""
+    path = Path(path)
+    folder = _output_folder(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
