@@ -36,8 +36,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import BnfoldError
-from .io import atomic_output, first_line, load_model
+from .errors import BnfoldError, first_line
+from .io import atomic_output, load_model
 
 LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -29,3 +29,11 @@ class BnfoldError(Exception):
         if self.note:
             text += f" Note: {' '.join(self.note.split())}"
         return text
+
+
+def first_line(exc: BaseException) -> str:
+    """First non-empty line of an exception message, for one-line errors."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

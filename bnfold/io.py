@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import BnfoldError
+from .errors import BnfoldError, first_line
 from .mapped import (MappedFile, copy_field, is_stub, load_mapped, payload_mismatch, record, record_prefix,
                      weightless)
 
@@ -140,7 +140,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     `accept(staged_path)` runs on the complete file before it is renamed into place; if it raises,
     nothing is written."""
     path = Path(path)
-    folder = _output_folder(path)
+    folder = check_output_path(path)
     external_data = external_data or _payload_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
     try:
         if external_data:
@@ -176,8 +176,9 @@ def _save_with_external_data(model, path: Path, folder: Path, source, accept) ->
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _output_folder(path: Path) -> Path:
+def check_output_path(path: str | os.PathLike) -> Path:
     """The existing folder `path` will be written into; refuse a missing folder or a directory."""
+    path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise BnfoldError(f"{path}: output folder {folder} does not exist")
@@ -191,7 +192,7 @@ def atomic_output(path: str | os.PathLike):
     """Yield a temporary file in `path`'s folder to write; rename it to `path` only if the block
     succeeds. Whatever happens, no temporary file is left, and an OSError becomes a BnfoldError."""
     path = Path(path)
-    folder = _output_folder(path)
+    folder = check_output_path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
@@ -269,11 +270,3 @@ def _payload_bytes(model: onnx.ModelProto, source: MappedFile | None) -> int:
 def _has_external_data(model: onnx.ModelProto, ignore_stubs: bool = False) -> bool:
     return any(onnx.external_data_helper.uses_external_data(t) and not (ignore_stubs and is_stub(t))
                for t in onnx.external_data_helper._get_all_tensors(model))
-
-
-def first_line(exc: BaseException) -> str:
-    """First non-empty line of an exception message, for one-line errors."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__

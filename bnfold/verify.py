@@ -24,10 +24,10 @@ from typing import Iterator, Mapping
 import numpy as np
 import onnx
 
-from .errors import BnfoldError
+from .errors import BnfoldError, first_line
 from .inputs import (InputSpec, Sample, generate_samples, input_specs, load_samples, merge_specs,
                      parse_shape, plan_shapes)
-from .io import first_line, load_model
+from .io import load_model
 
 CPU = "CPUExecutionProvider"
 _MAX_POSITIONS = 5  # NaN/Inf positions listed per output

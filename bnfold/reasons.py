@@ -1,0 +1,49 @@
+"""Every reason code bnfold gives for a decision, with its one meaning.
+
+Codes are stable strings (reports, scripts and the README use them); a code is never reused for a
+different meaning. Rules, passes, the report and the README take them from here.
+"""
+
+from __future__ import annotations
+
+FOLDED = "folded"
+REMOVED = "removed"
+NO_FOLDABLE_NEIGHBOUR = "no-foldable-neighbour"
+NEIGHBOUR_HAS_OTHER_CONSUMERS = "neighbour-has-other-consumers"
+NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT = "neighbour-output-is-graph-output"
+WEIGHTS_NOT_CONSTANT = "weights-not-constant"
+WEIGHTS_OVERRIDABLE = "weights-overridable"
+QUANTIZED_WEIGHTS = "quantized-weights"
+TRAINING_MODE = "training-mode"
+BN_EXTRA_OUTPUTS_USED = "bn-extra-outputs-used"
+NON_SPATIAL_BN = "non-spatial-bn"
+CHANNEL_AXIS_MISMATCH = "channel-axis-mismatch"
+RANK_UNKNOWN = "rank-unknown"
+RANK_UNSUPPORTED = "rank-unsupported"
+PADDING_PREVENTS_FOLD = "padding-prevents-fold"
+INVALID_STATISTICS = "invalid-statistics"
+DTYPE_UNSUPPORTED = "dtype-unsupported"
+DTYPE_OVERFLOW = "dtype-overflow"
+EXCLUDED_BY_USER = "excluded-by-user"
+
+MEANINGS = {
+    FOLDED: "folded into its neighbour",
+    REMOVED: "removed: nothing reads it any more",
+    NO_FOLDABLE_NEIGHBOUR: "no Conv/ConvTranspose/Gemm/MatMul feeds it or is fed only by it",
+    NEIGHBOUR_HAS_OTHER_CONSUMERS: "the neighbour's output is also read elsewhere",
+    NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT: "the tensor the fold would change is a graph output",
+    WEIGHTS_NOT_CONSTANT: "weights or BN parameters are not compile-time constants",
+    WEIGHTS_OVERRIDABLE: "an initializer is also a graph input (IR >= 4): callers may override it",
+    QUANTIZED_WEIGHTS: "weights come from DequantizeLinear",
+    TRAINING_MODE: "the BN normalizes with batch statistics",
+    BN_EXTRA_OUTPUTS_USED: "the BN's running/saved statistics outputs are read",
+    NON_SPATIAL_BN: "spatial=0 with parameters that vary inside a channel",
+    CHANNEL_AXIS_MISMATCH: "the BN's channel axis is not the neighbour's output (or input) channel axis",
+    RANK_UNKNOWN: "a rank needed to prove the fold is unknown",
+    RANK_UNSUPPORTED: "a rank is known but not one the rule can fold",
+    PADDING_PREVENTS_FOLD: "a padded Conv after the BN would see zeros instead of the BN's shift",
+    INVALID_STATISTICS: "var + epsilon <= 0, or a statistic is not finite",
+    DTYPE_UNSUPPORTED: "the weight dtype is not float16/bfloat16/float32/float64",
+    DTYPE_OVERFLOW: "the folded weights would overflow the weight dtype",
+    EXCLUDED_BY_USER: "excluded by the user (--exclude-node)",
+}
