@@ -1,6 +1,8 @@
 """Errors a user can cause, and the process exit codes that report them.
 
-A :class:`BnfoldError` is a mistake in the input or the invocation. The CLI prints it as one line
+A :class:`BnfoldError` is a mistake in the input or the invocation. The library never names a
+command-line flag: an error about one option carries the option's parameter name in ``option`` and the
+CLI puts the flag in front of the message. The CLI prints it as one line
 (``bnfold: error: ...``) and exits with :data:`EXIT_USAGE`; it never shows a traceback unless asked.
 """
 
@@ -14,14 +16,16 @@ EXIT_USAGE = 2  # bad usage or bad input
 class BnfoldError(Exception):
     """A user-facing error: one line saying what went wrong, and optionally how to fix it."""
 
-    def __init__(self, message: str, note: str | None = None, exit_code: int = EXIT_USAGE):
+    def __init__(self, message: str, note: str | None = None, exit_code: int = EXIT_USAGE,
+                 option: str | None = None):
         super().__init__(message)
         self.message = message
         self.note = note
         self.exit_code = exit_code
+        self.option = option  # the library parameter at fault (e.g. "shapes"); the CLI names its flag
 
-    def __reduce__(self):  # keep note and exit code across processes (fold --jobs)
-        return type(self), (self.message, self.note, self.exit_code)
+    def __reduce__(self):  # keep note, exit code and option across processes (fold --jobs)
+        return type(self), (self.message, self.note, self.exit_code, self.option)
 
     def one_line(self) -> str:
         """The message as printed on stderr: what went wrong, then `Note:` how to fix it."""
