@@ -1,4 +1,4 @@
-"""A small mutable index over an ONNX graph: producers, consumers, constants, types, fresh names.
+"""A small mutable index over an ONNX graph: producers, consumers, types, fresh names, and edits.
 
 bnfold edits the ModelProto in place instead of converting it to another representation: that keeps
 everything it does not touch (node names and order, doc strings, metadata, value_info, functions)
@@ -14,24 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .constants import ConstantEvaluator, reads_type_only
 from .mapped import MappedFile, is_stub, weightless
-
-# Ops whose output is a pure function of their inputs and attributes: a cone of these over constants
-# is a constant. Random ops, control flow and ops outside the default domain are never evaluated.
-_NOT_EVALUATED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                  "Bernoulli", "If", "Loop", "Scan", "SequenceMap", "DequantizeLinear",
-                  "DynamicQuantizeLinear", "QuantizeLinear"}
-_QUANTIZED = {"DequantizeLinear", "DynamicQuantizeLinear"}
-_LARGE_CONSTANT = 1 << 26  # do not materialize constant expressions beyond 64 MiB
-
-
-class NotConstant(Exception):
-    """Raised while resolving a value that is not a compile-time constant; `reason` is a reason code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -51,12 +35,25 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return found
 
 
+def walk_graphs(graph: onnx.GraphProto, path: str = "", parent: onnx.GraphProto | None = None):
+    """Yield (path, graph, parent graph) for `graph` and every graph nested in it, outermost first.
+
+    A subgraph's path names the node and attribute that hold it (``loop:body``, ``if:then_branch``,
+    nested with ``/``). A graph's nodes are listed after the caller is done with it, so a caller may
+    edit each graph before its subgraphs are visited."""
+    yield path, graph, parent
+    for node in list(graph.node):
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for i, sub in enumerate(bodies):
+                where = f"{path}/{node.name or node.op_type}:{attr.name}" + (f"[{i}]" if len(bodies) > 1 else "")
+                yield from walk_graphs(sub, where.lstrip("/"), graph)
+
+
 def all_graphs(graph: onnx.GraphProto):
     """`graph` and every graph nested in it, outermost first."""
-    yield graph
-    for node in graph.node:
-        for sub in subgraphs(node):
-            yield from all_graphs(sub)
+    for _, sub, _ in walk_graphs(graph):
+        yield sub
 
 
 def subgraph_names_used(node: onnx.NodeProto) -> set[str]:
@@ -173,7 +170,8 @@ def _value_info_type(info: onnx.ValueInfoProto) -> TensorType | None:
 
 
 class GraphIndex:
-    """Producers, consumers and constant values of one graph, kept current as the graph is edited."""
+    """Producers and consumers of one graph, kept current as the graph is edited; `constants`
+    evaluates its compile-time values (see bnfold.constants)."""
 
     def __init__(self, graph: onnx.GraphProto, context: ModelContext, parent: GraphIndex | None = None):
         self.graph = graph
@@ -186,7 +184,7 @@ class GraphIndex:
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in graph.node:
             self._link(node)
-        self._values: dict[str, np.ndarray] = {}
+        self.constants = ConstantEvaluator(self)
         self.released: set[str] = set()  # names some node stopped reading or producing
         self._declared = {v.name: v for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
 
@@ -221,7 +219,7 @@ class GraphIndex:
         """Users that read only the dtype or shape of `name` (CastLike's target, Shape, Size): a BN's
         input and output share both, so these readers never block a fold."""
         return [node for node in self.consumers.get(name, [])
-                if all(_reads_type_only(node, i) or node.op_type in ("Shape", "Size")
+                if all(reads_type_only(node, i) or node.op_type in ("Shape", "Size")
                        for i, source in enumerate(node.input) if source == name)
                 and name not in subgraph_names_used(node)]
 
@@ -281,7 +279,7 @@ class GraphIndex:
     def replace_initializer(self, name: str, values: np.ndarray) -> None:
         """Overwrite an initializer that only the folded node uses (caller checks exclusivity)."""
         fill_tensor(self.initializers[name], values, name)
-        self._values.pop(name, None)
+        self.constants.forget(name)
 
     # ----------------------------------------------------------------------------------- typing
     def tensor_type(self, name: str) -> TensorType | None:
@@ -298,7 +296,7 @@ class GraphIndex:
                 return outer
         return self.context.inferred_type(name)
 
-    # -------------------------------------------------------------------------------- constants
+    # ---------------------------------------------------------------------------- initializers
     def is_overridable(self, name: str) -> bool:
         """An initializer also listed as a graph input (IR >= 4): a caller may feed another value."""
         if name in self.initializers:
@@ -312,115 +310,6 @@ class GraphIndex:
         return (name in self.initializers and name not in self.inputs and name not in self.outputs
                 and self.only_consumer_is(name, node))
 
-    def constant(self, name: str) -> np.ndarray:
-        """The value of `name` if it is a compile-time constant, else raise NotConstant with a reason."""
-        return self._resolve(name, depth=0)
-
-    def _resolve(self, name: str, depth: int) -> np.ndarray:
-        if depth > 64:
-            raise NotConstant("weights-not-constant", f"{name} is computed by a constant chain too deep to evaluate")
-        if name in self._values:
-            return self._values[name]
-        if name in self.initializers:
-            if self.is_overridable(name):
-                raise NotConstant("weights-overridable", f"initializer {name} is also a graph input")
-            return self.context.array(self.initializers[name])  # not cached: weights would pile up
-        if name in self.producer:
-            value = self._evaluate(self.producer[name], name, depth)
-        elif name in self.inputs:
-            raise NotConstant("weights-not-constant", f"{name} is a graph input")
-        elif self.parent is not None:
-            value = self.parent._resolve(name, depth)
-        else:
-            raise NotConstant("weights-not-constant", f"{name} has no producer")
-        self._values[name] = value
-        return value
-
-    def _evaluate(self, node: onnx.NodeProto, name: str, depth: int) -> np.ndarray:
-        if node.op_type in _QUANTIZED:
-            raise NotConstant("quantized-weights", f"{name} comes from {node.op_type} {node.name!r}")
-        if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_EVALUATED:
-            raise NotConstant("weights-not-constant", f"{name} is computed by {node.op_type} {node.name!r}")
-        metadata = self._metadata_only(node, name)
-        if metadata is not None:
-            return metadata
-        feeds = {}
-        for index, source in enumerate(node.input):
-            if source:
-                feeds[source] = self._metadata_input(node, index, source) if _reads_type_only(node, index) \
-                    else self._resolve(source, depth + 1)
-        quick = _evaluate_simple(node, [feeds.get(source) for source in node.input])
-        if quick is not None:
-            return quick
-        return self._run_node(node, feeds)[list(node.output).index(name)]
-
-    def _metadata_only(self, node: onnx.NodeProto, name: str) -> np.ndarray | None:
-        """Shape and Size of a tensor whose static shape is known do not need its value."""
-        if node.op_type not in ("Shape", "Size"):
-            return None
-        tt = self.tensor_type(node.input[0])
-        if tt is None or tt.shape is None or not all(isinstance(d, int) and d > 0 for d in tt.shape):
-            try:
-                array = self._resolve(node.input[0], 1)
-            except NotConstant:
-                raise NotConstant("weights-not-constant",
-                                  f"{name} is the shape of {node.input[0]}, which is not static") from None
-            shape = array.shape
-        else:
-            shape = tt.shape
-        if node.op_type == "Size":
-            return np.array(int(np.prod(shape)), dtype=np.int64)
-        attrs = {a.name: a.i for a in node.attribute}
-        start, end = attrs.get("start", 0), attrs.get("end", len(shape))
-        return np.array(shape[slice(start, end)], dtype=np.int64)
-
-    def _metadata_input(self, node: onnx.NodeProto, index: int, source: str) -> np.ndarray:
-        tt = self.tensor_type(source)
-        if tt is None or not tt.elem_type:
-            raise NotConstant("weights-not-constant", f"the dtype of {source} (read by {node.op_type}) is unknown")
-        return np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-
-    def _run_node(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        from onnx.reference import ReferenceEvaluator
-        try:
-            outputs = ReferenceEvaluator(node, opsets=dict(self.context.opsets)).run(None, feeds)
-        except Exception as exc:
-            raise NotConstant("weights-not-constant",
-                              f"cannot evaluate {node.op_type} {node.name!r}: {exc}".splitlines()[0]) from None
-        for output in outputs:
-            if np.asarray(output).nbytes > _LARGE_CONSTANT:
-                raise NotConstant("weights-not-constant", f"{node.op_type} {node.name!r} yields a huge constant")
-        return [np.asarray(o) for o in outputs]
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                onnx.TensorProto.BFLOAT16}
-
-
-def _evaluate_simple(node: onnx.NodeProto, inputs: list) -> np.ndarray | None:
-    """The ops torch's exporters put around weights, in numpy (building a ReferenceEvaluator per node
-    costs ~0.5 ms, which adds up to a tenth of a second on a ResNet-50); None for anything else."""
-    op = node.op_type
-    attrs = {a.name: a for a in node.attribute}
-    if op == "Constant" and len(attrs) == 1:
-        (key, attr), = attrs.items()
-        if key == "value":
-            return numpy_helper.to_array(attr.t)
-        if key in ("value_int", "value_ints"):
-            return np.array(onnx.helper.get_attribute_value(attr), dtype=np.int64)
-        if key in ("value_float", "value_floats"):
-            return np.array(onnx.helper.get_attribute_value(attr), dtype=np.float32)
-    if op == "Identity" and inputs and inputs[0] is not None:
-        return inputs[0]
-    if op == "Expand" and len(inputs) == 2:
-        value, shape = inputs
-        return np.array(np.broadcast_to(value, np.broadcast_shapes(value.shape, tuple(int(d) for d in shape))))
-    if op in ("Cast", "CastLike") and inputs and inputs[0].dtype.kind in "fiu":
-        target = attrs["to"].i if op == "Cast" else onnx.helper.np_dtype_to_tensor_dtype(inputs[1].dtype)
-        if target in _FLOAT_TYPES:
-            return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(target))
-    return None
-
 
 def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None:
     """Make `tensor` a raw-data tensor holding `values` (the fast path of numpy_helper.from_array)."""
@@ -429,8 +318,3 @@ def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None
     tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
     tensor.dims.extend(values.shape)
     tensor.raw_data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
-
-
-def _reads_type_only(node: onnx.NodeProto, index: int) -> bool:
-    """CastLike reads only the dtype of its second input."""
-    return node.op_type == "CastLike" and index == 1

@@ -1,4 +1,4 @@
-"""What a fold did, node by node: decisions with reason codes, op counts, JSON and table rendering."""
+"""What a fold run did: every pass's decisions with reason codes, op counts, JSON and tables."""
 
 from __future__ import annotations
 
@@ -8,55 +8,28 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 from .graph import all_graphs
+from .passes.base import Decision, PassResult
+from .reasons import MEANINGS
 
-FOLDED = "folded"
-# Every reason code bnfold can give, with its meaning; stable strings, never reused.
-REASONS = {
-    FOLDED: "folded into its neighbour",
-    "no-foldable-neighbour": "no Conv/ConvTranspose/Gemm/MatMul feeds it or is fed only by it",
-    "neighbour-has-other-consumers": "the neighbour's output is also read elsewhere",
-    "neighbour-output-is-graph-output": "the tensor the fold would change is a graph output",
-    "weights-not-constant": "weights or BN parameters are not compile-time constants",
-    "weights-overridable": "an initializer is also a graph input (IR >= 4): callers may override it",
-    "quantized-weights": "weights come from DequantizeLinear",
-    "training-mode": "the BN normalizes with batch statistics",
-    "bn-extra-outputs-used": "the BN's running/saved statistics outputs are read",
-    "non-spatial-bn": "spatial=0 with parameters that vary inside a channel",
-    "channel-axis-mismatch": "the BN's channel axis is not the neighbour's output (or input) channel axis",
-    "rank-unknown": "a rank needed to prove the fold is unknown",
-    "padding-prevents-fold": "a padded Conv after the BN would see zeros instead of the BN's shift",
-    "invalid-statistics": "var + epsilon <= 0, or a statistic is not finite",
-    "dtype-unsupported": "the weight dtype is not float16/bfloat16/float32/float64",
-    "dtype-overflow": "the folded weights would overflow the weight dtype",
-    "excluded-by-user": "excluded with --exclude-node",
-}
+__all__ = ["Decision", "FoldReport", "decisions_table", "op_counts", "passes_table", "summary_table"]
 
-
-@dataclass
-class Decision:
-    """The outcome for one BatchNormalization node."""
-    node: str
-    reason: str
-    detail: str = ""
-    rule: str | None = None
-    neighbour: str | None = None
-    neighbour_op: str | None = None
-    graph: str = ""
-
-    @property
-    def folded(self) -> bool:
-        return self.reason == FOLDED
+BN_FOLD_PASS = "fold-batchnorm"
 
 
 @dataclass
 class FoldReport:
-    """Decisions for every BatchNormalization of a model, and op counts before and after."""
-    decisions: list[Decision] = field(default_factory=list)
+    """The passes' results for one model, and its op counts before and after."""
+    passes: list[PassResult] = field(default_factory=list)
     counts_before: dict[str, int] = field(default_factory=dict)
     counts_after: dict[str, int] = field(default_factory=dict)
     model: str | None = None
     verification: object | None = None  # a bnfold.verify.VerifyReport when `--verify` ran
     bench: object | None = None  # a bnfold.bench.BenchReport when `--bench` ran
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """One decision per BatchNormalization node: the BN fold pass's."""
+        return next((p.decisions for p in self.passes if p.name == BN_FOLD_PASS), [])
 
     @property
     def total(self) -> int:
@@ -79,6 +52,7 @@ class FoldReport:
             "left_by_reason": self.left_by_reason,
             "op_counts": {"before": self.counts_before, "after": self.counts_after},
             "decisions": [asdict(d) for d in self.decisions],
+            "passes": [p.to_dict() for p in self.passes],
             **({"verification": self.verification.to_dict()} if self.verification is not None else {}),
             **({"bench": self.bench.to_dict()} if self.bench is not None else {}),
         }
@@ -118,5 +92,23 @@ def decisions_table(report: FoldReport):
     for d in report.decisions:
         neighbour = f"{d.neighbour_op} {d.neighbour}" if d.neighbour_op else "-"
         name = f"{d.graph}/{d.node}" if d.graph else d.node
-        table.add_row(name, neighbour, d.reason, d.detail or REASONS.get(d.reason, ""))
+        table.add_row(name, neighbour, d.reason, d.detail or MEANINGS.get(d.reason, ""))
+    return table
+
+
+def passes_table(report: FoldReport):
+    """A rich table with one row per pass and decision: how many nodes, of which op types."""
+    from rich.table import Table
+    table = Table()
+    for column in ("pass", "decision", "nodes", "op types"):
+        table.add_column(column, overflow="fold")
+    for result in report.passes:
+        by_reason: dict[str, Counter] = {}
+        for d in result.decisions:
+            by_reason.setdefault(d.reason, Counter())[d.op_type] += 1
+        if not by_reason:
+            table.add_row(result.name, "-", "0", "")
+        for reason, ops in sorted(by_reason.items()):
+            listed = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+            table.add_row(result.name, reason, str(sum(ops.values())), listed)
     return table

@@ -111,7 +111,7 @@ def test_every_constant_attribute_form_is_read(rng):
     model = helper.make_model(helper.make_graph(nodes, "g", [], []))
     index = GraphIndex(model.graph, ModelContext(model))
     for name in "abcdef":
-        value = index.constant(name)
+        value = index.constants.value(name)
         reference = ReferenceEvaluator(helper.make_model(helper.make_graph(
             nodes, "g", [], [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None)]))).run(None, {})[0]
         assert value.dtype == reference.dtype and np.array_equal(value, reference), name

@@ -1,9 +1,12 @@
-"""What every fold rule shares: the rule protocol, refusals with reason codes, and BN parameters.
+"""What every fold rule shares: the rule protocol, refusals, BN parameters, and the graph moves.
 
-A rule has three separate steps. ``match`` finds the neighbouring op (structure only). ``check`` tests
-every condition under which the fold is exact and computes the new weights without touching the graph:
-it returns a :class:`Plan`, or raises :class:`Refusal` with the first reason that fails. ``rewrite``
-applies a plan to the graph. ``inspect`` and ``--dry-run`` stop after ``check``.
+A rule has three separate steps. ``match`` finds the neighbouring op (structure only, through
+:func:`producer_of` or :func:`sole_consumer_of`). ``check`` tests every condition under which the fold
+is exact and computes the new weights without touching the graph: it returns a :class:`Plan`, or raises
+:class:`Refusal` with the first reason that fails. ``rewrite`` applies a plan to the graph, through
+:func:`write_plan` and :func:`absorb_into_producer` / :func:`absorb_into_consumer`. Whether a tensor
+the fold changes is read by anything else is checked in one place, :func:`require_exclusive`.
+``inspect`` and ``--dry-run`` stop after ``check``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,13 @@ import ml_dtypes
 import numpy as np
 import onnx
 
-from ..graph import GraphIndex, NotConstant
+from ..batchnorm import attribute, declared_extra_outputs, training_mode_refusal
+from ..constants import NotConstant
+from ..graph import GraphIndex
 from ..math import bn_scale_shift
+from ..reasons import (BN_EXTRA_OUTPUTS_USED, CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED,
+                       INVALID_STATISTICS, NEIGHBOUR_HAS_OTHER_CONSUMERS, NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT,
+                       NON_SPATIAL_BN, TRAINING_MODE, WEIGHTS_NOT_CONSTANT)
 
 FOLDABLE_DTYPES = {
     onnx.TensorProto.FLOAT: np.dtype(np.float32),
@@ -23,6 +31,11 @@ FOLDABLE_DTYPES = {
     onnx.TensorProto.DOUBLE: np.dtype(np.float64),
     onnx.TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
 }
+
+__all__ = ["FOLDABLE_DTYPES", "FoldRule", "Match", "Plan", "Refusal", "absorb_into_consumer",
+           "absorb_into_producer", "attribute", "bn_affine", "bn_mode_refusal", "cast_checked", "constant",
+           "optional_constant", "producer_of", "require_exclusive", "set_attribute", "sole_consumer_of",
+           "weight_dtype", "write_plan"]
 
 
 class Refusal(Exception):
@@ -44,7 +57,7 @@ class Match:
 
 @dataclass
 class Plan:
-    """The new values a rewrite writes: input index of the neighbour -> folded array, plus extras."""
+    """The new values a rewrite writes: input position of the neighbour -> folded array, plus extras."""
     arrays: dict[int, np.ndarray]
     attributes: dict[str, float] = field(default_factory=dict)
     bias: np.ndarray | None = None  # for MatMul: the value of the (new or updated) Add
@@ -65,37 +78,59 @@ class FoldRule:
         raise NotImplementedError
 
 
-# ------------------------------------------------------------------------------------ BN helpers
-def attribute(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
+# ---------------------------------------------------------------------------------------- matching
+def _default_domain(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
 
 
+def producer_of(bn: onnx.NodeProto, index: GraphIndex, ops: tuple[str, ...]) -> onnx.NodeProto | None:
+    """The node of type `ops` (default domain) that computes the BN's input, if any."""
+    producer = index.producer.get(bn.input[0])
+    if producer is not None and producer.op_type in ops and _default_domain(producer):
+        return producer
+    return None
+
+
+def sole_consumer_of(bn: onnx.NodeProto, index: GraphIndex, ops: tuple[str, ...]) -> onnx.NodeProto | None:
+    """The only node reading the BN's output values, if it is of type `ops` and reads it as its data
+    input (input 0): the BN must not be the weight operand of the op it would fold into."""
+    users = index.value_readers(bn.output[0])
+    if len(users) == 1 and users[0].op_type in ops and _default_domain(users[0]) \
+            and users[0].input[0] == bn.output[0]:
+        return users[0]
+    return None
+
+
+def require_exclusive(index: GraphIndex, name: str, reader: onnx.NodeProto, what: str) -> None:
+    """Refuse unless `reader` is the only node reading the values of `name` and `name` is not a graph
+    output: a fold changes `name`'s values (or removes it), which any other reader would see."""
+    if index.is_output(name):
+        raise Refusal(NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT, f"{what} output {name} is a graph output")
+    others = [n for n in index.value_readers(name) if n is not reader]
+    if others:
+        listed = ", ".join(f"{n.op_type} {n.name!r}" for n in others[:3])
+        raise Refusal(NEIGHBOUR_HAS_OTHER_CONSUMERS, f"{what} output {name} is also read by {listed}")
+
+
+# ------------------------------------------------------------------------------------ BN parameters
 def bn_mode_refusal(bn: onnx.NodeProto, index: GraphIndex) -> Refusal | None:
     """Why a BN computes with batch statistics or exposes values a fold would lose, per its opset."""
     opset = index.context.bn_opset
-    extra = [name for name in bn.output[1:] if name]
-    if opset < 7 and attribute(bn, "is_test", 0) == 0:
-        return Refusal("training-mode", f"is_test=0 (opset {opset}): normalizes with batch statistics")
-    if opset >= 14 and attribute(bn, "training_mode", 0) != 0:
-        return Refusal("training-mode", "training_mode=1: normalizes with batch statistics")
-    used = [name for name in extra if index.users(name) or index.is_output(name)]
+    training = training_mode_refusal(bn, opset)
+    if training is not None and not 7 <= opset < 14:
+        return Refusal(*training)
+    used = [name for name in declared_extra_outputs(bn) if index.users(name) or index.is_output(name)]
     if used:
-        return Refusal("bn-extra-outputs-used", f"output(s) {', '.join(used)} are read by the graph")
-    if extra and 7 <= opset < 14:
-        return Refusal("training-mode", f"declares training outputs ({', '.join(extra)}) at opset {opset}, "
-                                        "which makes runtimes normalize with batch statistics")
-    return None
+        return Refusal(BN_EXTRA_OUTPUTS_USED, f"output(s) {', '.join(used)} are read by the graph")
+    return Refusal(*training) if training is not None else None
 
 
 def constant(index: GraphIndex, name: str, what: str) -> np.ndarray:
     """A constant input's value, or a refusal saying why it is not one."""
     if not name:
-        raise Refusal("weights-not-constant", f"{what} is missing")
+        raise Refusal(WEIGHTS_NOT_CONSTANT, f"{what} is missing")
     try:
-        return index.constant(name)
+        return index.constants.value(name)
     except NotConstant as exc:
         raise Refusal(exc.reason, f"{what}: {exc.detail}") from None
 
@@ -114,19 +149,19 @@ def bn_affine(bn: onnx.NodeProto, index: GraphIndex, channels: int | None) -> tu
     values = [_per_channel(v, name, bn, index) for v, name in zip(values, names)]
     counts = {v.shape[0] for v in values}
     if len(counts) != 1:
-        raise Refusal("channel-axis-mismatch", f"BN parameters have different lengths {sorted(counts)}")
+        raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN parameters have different lengths {sorted(counts)}")
     count = counts.pop()
     if channels is not None and count != channels:
-        raise Refusal("channel-axis-mismatch", f"BN has {count} channels, the neighbour {channels}")
+        raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN has {count} channels, the neighbour {channels}")
     eps = float(attribute(bn, "epsilon", 1e-5))
     gamma, beta, mean, var = (v.astype(np.float64) for v in values)
     if not all(np.isfinite(v).all() for v in (gamma, beta, mean, var)):
-        raise Refusal("invalid-statistics", "a BN parameter is not finite")
+        raise Refusal(INVALID_STATISTICS, "a BN parameter is not finite")
     if (var + eps <= 0).any():
-        raise Refusal("invalid-statistics", f"var + epsilon <= 0 in {int((var + eps <= 0).sum())} channel(s)")
+        raise Refusal(INVALID_STATISTICS, f"var + epsilon <= 0 in {int((var + eps <= 0).sum())} channel(s)")
     scale, shift = bn_scale_shift(gamma, beta, mean, var, eps)
     if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
-        raise Refusal("dtype-overflow", "the BN's scale or shift overflows float64")
+        raise Refusal(DTYPE_OVERFLOW, "the BN's scale or shift overflows float64")
     return scale, shift
 
 
@@ -139,14 +174,15 @@ def _per_channel(value: np.ndarray, name: str, bn: onnx.NodeProto, index: GraphI
         rows = value.reshape(value.shape[0], -1)
         if (rows == rows[:, :1]).all():
             return rows[:, 0]
-        raise Refusal("non-spatial-bn", f"spatial=0 and BN {name} varies within a channel")
-    raise Refusal("channel-axis-mismatch", f"BN {name} has shape {list(value.shape)}, expected [C]")
+        raise Refusal(NON_SPATIAL_BN, f"spatial=0 and BN {name} varies within a channel")
+    raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN {name} has shape {list(value.shape)}, expected [C]")
 
 
+# ------------------------------------------------------------------------------------------ dtypes
 def weight_dtype(values: np.ndarray, what: str) -> np.dtype:
     """The dtype folded values are cast back to (the weight's own); refuse non-float weights."""
     if values.dtype not in FOLDABLE_DTYPES.values():
-        raise Refusal("dtype-unsupported", f"{what} is {values.dtype.name}, not a float type")
+        raise Refusal(DTYPE_UNSUPPORTED, f"{what} is {values.dtype.name}, not a float type")
     return values.dtype
 
 
@@ -158,27 +194,50 @@ def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     if np.isfinite(cast).all():
         return cast
     if values.dtype == np.float64 and not np.isfinite(values).all():
-        raise Refusal("dtype-overflow", f"folded {what} are not finite in float64")
+        raise Refusal(DTYPE_OVERFLOW, f"folded {what} are not finite in float64")
     bad = int((~np.isfinite(cast)).sum())
-    raise Refusal("dtype-overflow", f"{bad} folded {what} value(s) overflow {dtype.name}")
+    raise Refusal(DTYPE_OVERFLOW, f"{bad} folded {what} value(s) overflow {dtype.name}")
 
 
-def single_consumer(index: GraphIndex, name: str, consumer: onnx.NodeProto, what: str) -> None:
-    """Refuse when another node or a graph output also reads `name` (the fold would change it)."""
-    if index.is_output(name):
-        raise Refusal("neighbour-output-is-graph-output", f"{what} output {name} is a graph output")
-    others = [n for n in index.value_readers(name) if n is not consumer]
-    if others:
-        listed = ", ".join(f"{n.op_type} {n.name!r}" for n in others[:3])
-        raise Refusal("neighbour-has-other-consumers", f"{what} output {name} is also read by {listed}")
+# -------------------------------------------------------------------------------------- rewriting
+def write_plan(index: GraphIndex, node: onnx.NodeProto, plan: Plan, labels: dict[int, str], base: str) -> None:
+    """Point each input position of `node` in `plan.arrays` at its folded values and set the plan's
+    attributes. A new initializer is named `{base}_{label}_bnfold` (label from `labels`)."""
+    for position in sorted(plan.arrays):
+        set_folded_input(index, node, position, plan.arrays[position], f"{base}_{labels[position]}_bnfold")
+    for name, value in plan.attributes.items():
+        set_attribute(node, name, value)
 
 
 def set_folded_input(index: GraphIndex, node: onnx.NodeProto, position: int, values: np.ndarray,
-                     base: str) -> None:
+                     name: str) -> None:
     """Point input `position` of `node` at `values`: overwrite its initializer if only `node` reads
     it, otherwise give the node its own new initializer (never change a shared one)."""
     current = node.input[position] if position < len(node.input) else ""
     if current and index.owns_initializer(current, node):
         index.replace_initializer(current, values)
     else:
-        index.set_input(node, position, index.add_initializer(values, base))
+        index.set_input(node, position, index.add_initializer(values, name))
+
+
+def set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
+    """Set (or add) a float attribute of `node`."""
+    for attr in node.attribute:
+        if attr.name == name:
+            attr.CopyFrom(onnx.helper.make_attribute(name, value))
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def absorb_into_producer(index: GraphIndex, bn: onnx.NodeProto, producer: onnx.NodeProto) -> None:
+    """Remove the BN; `producer` (whose output only the BN read) now produces the BN's output name."""
+    index.redirect_metadata_readers(producer.output[0], bn.output[0])
+    index.remove_node(bn)
+    index.set_output(producer, 0, bn.output[0])
+
+
+def absorb_into_consumer(index: GraphIndex, bn: onnx.NodeProto, consumer: onnx.NodeProto) -> None:
+    """Remove the BN; `consumer` (its only reader) now reads the BN's input."""
+    index.redirect_metadata_readers(bn.output[0], bn.input[0])
+    index.remove_node(bn)
+    index.set_input(consumer, 0, bn.input[0])

@@ -4,6 +4,7 @@ Exact for any rank, group count, strides, dilations, pads, auto_pad, output_padd
 those change which inputs reach an output, not the per-output-channel affine applied after it.
 Conv weights are [M, C/g, k...] (output channel = axis 0); ConvTranspose weights are
 [C_in, C_out/g, k...] (output channel = group * C_out/g + axis-1 index).
+Conditions: the Conv's output is read by the BN only, weights and BN parameters are constants.
 """
 
 from __future__ import annotations
@@ -12,29 +13,27 @@ import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_after_conv, fold_after_conv_transpose
-from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
-                   optional_constant, set_folded_input, single_consumer, weight_dtype)
+from ..reasons import RANK_UNSUPPORTED
+from .base import (FoldRule, Match, Plan, Refusal, absorb_into_producer, attribute, bn_affine, cast_checked,
+                   constant, optional_constant, producer_of, require_exclusive, weight_dtype, write_plan)
 
 
 class ConvThenBN(FoldRule):
     """Conv -> BN and ConvTranspose -> BN."""
     name = "conv-bn"
     summary = "scaled its output channels' filters and mapped its bias"
-    ops = ("Conv", "ConvTranspose")
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        producer = index.producer.get(bn.input[0])
-        if producer is None or producer.op_type not in self.ops or producer.domain not in ("", "ai.onnx"):
-            return None
-        return Match(bn, producer)
+        conv = producer_of(bn, index, ("Conv", "ConvTranspose"))
+        return Match(bn, conv) if conv is not None else None
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         conv, bn = match.neighbour, match.bn
-        single_consumer(index, conv.output[0], bn, conv.op_type)
+        require_exclusive(index, conv.output[0], bn, conv.op_type)
         weight = constant(index, conv.input[1], f"{conv.op_type} weight")
         bias = optional_constant(index, conv, 2, f"{conv.op_type} bias")
         if weight.ndim < 3:
-            raise Refusal("rank-unknown", f"{conv.op_type} weight has rank {weight.ndim}, expected >= 3")
+            raise Refusal(RANK_UNSUPPORTED, f"{conv.op_type} weight has rank {weight.ndim}, expected >= 3")
         dtype = weight_dtype(weight, f"{conv.op_type} weight")
         groups = int(attribute(conv, "group", 1))
         transposed = conv.op_type == "ConvTranspose"
@@ -48,8 +47,5 @@ class ConvThenBN(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         conv, bn = match.neighbour, match.bn
-        set_folded_input(index, conv, 1, plan.arrays[1], f"{conv.name or bn.name}_W_bnfold")
-        set_folded_input(index, conv, 2, plan.arrays[2], f"{conv.name or bn.name}_B_bnfold")
-        index.redirect_metadata_readers(conv.output[0], bn.output[0])
-        index.remove_node(bn)
-        index.set_output(conv, 0, bn.output[0])
+        write_plan(index, conv, plan, {1: "W", 2: "B"}, conv.name or bn.name)
+        absorb_into_producer(index, bn, conv)

@@ -4,6 +4,8 @@ Gemm: Y = alpha * A' @ B' + beta * C with A' = A^T if transA, B' = B^T if transB
 scales the columns of B' and maps C through the affine; the result keeps alpha, sets beta = 1 and always
 has a C (shape [N] unless the old C varied along M). MatMul: only a 2-D output is foldable, because BN's
 channel axis 1 is then MatMul's last axis; a rank-3 output would put BN on the sequence axis.
+Conditions: every tensor the fold changes (the Gemm/MatMul output, the Add output) is read by the
+next node only; weights, bias and BN parameters are constants.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_after_gemm, fold_after_matmul
-from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
-                   optional_constant, set_folded_input, single_consumer, weight_dtype)
+from ..reasons import CHANNEL_AXIS_MISMATCH, RANK_UNKNOWN, RANK_UNSUPPORTED
+from .base import (FoldRule, Match, Plan, Refusal, absorb_into_producer, attribute, bn_affine, cast_checked,
+                   constant, optional_constant, producer_of, require_exclusive, set_folded_input,
+                   weight_dtype, write_plan)
 
 
 class GemmThenBN(FoldRule):
@@ -22,20 +26,18 @@ class GemmThenBN(FoldRule):
     summary = "scaled the columns of B' and mapped C (beta = 1)"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        producer = index.producer.get(bn.input[0])
-        if producer is None or producer.op_type != "Gemm" or producer.domain not in ("", "ai.onnx"):
-            return None
-        return Match(bn, producer)
+        gemm = producer_of(bn, index, ("Gemm",))
+        return Match(bn, gemm) if gemm is not None else None
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         gemm, bn = match.neighbour, match.bn
-        single_consumer(index, gemm.output[0], bn, "Gemm")
+        require_exclusive(index, gemm.output[0], bn, "Gemm")
         b_matrix = constant(index, gemm.input[1], "Gemm B")
         c = optional_constant(index, gemm, 2, "Gemm C")
         dtype = weight_dtype(b_matrix, "Gemm B")
         trans_b = bool(attribute(gemm, "transB", 0))
         if b_matrix.ndim != 2:
-            raise Refusal("rank-unknown", f"Gemm B has rank {b_matrix.ndim}")
+            raise Refusal(RANK_UNSUPPORTED, f"Gemm B has rank {b_matrix.ndim}")
         n = b_matrix.shape[0] if trans_b else b_matrix.shape[1]
         scale, shift = bn_affine(bn, index, n)
         beta = float(attribute(gemm, "beta", 1.0))
@@ -45,12 +47,8 @@ class GemmThenBN(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         gemm, bn = match.neighbour, match.bn
-        set_folded_input(index, gemm, 1, plan.arrays[1], f"{gemm.name or bn.name}_B_bnfold")
-        set_folded_input(index, gemm, 2, plan.arrays[2], f"{gemm.name or bn.name}_C_bnfold")
-        set_attribute(gemm, "beta", plan.attributes["beta"])
-        index.redirect_metadata_readers(gemm.output[0], bn.output[0])
-        index.remove_node(bn)
-        index.set_output(gemm, 0, bn.output[0])
+        write_plan(index, gemm, plan, {1: "B", 2: "C"}, gemm.name or bn.name)
+        absorb_into_producer(index, bn, gemm)
 
 
 class MatMulThenBN(FoldRule):
@@ -59,51 +57,47 @@ class MatMulThenBN(FoldRule):
     summary = "scaled the weight's columns and mapped (or added) the bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        producer = index.producer.get(bn.input[0])
-        if producer is None or producer.domain not in ("", "ai.onnx"):
-            return None
-        if producer.op_type == "MatMul":
-            return Match(bn, producer)
-        if producer.op_type == "Add":
-            for operand in producer.input:
-                matmul = index.producer.get(operand)
-                if matmul is not None and matmul.op_type == "MatMul" and matmul.domain in ("", "ai.onnx"):
-                    return Match(bn, matmul, bias_add=producer)
+        matmul = producer_of(bn, index, ("MatMul",))
+        if matmul is not None:
+            return Match(bn, matmul)
+        add = producer_of(bn, index, ("Add",))
+        for operand in add.input if add is not None else ():
+            matmul = index.producer.get(operand)
+            if matmul is not None and matmul.op_type == "MatMul" and matmul.domain in ("", "ai.onnx"):
+                return Match(bn, matmul, bias_add=add)
         return None
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         matmul, add, bn = match.neighbour, match.bias_add, match.bn
         if add is not None:
-            single_consumer(index, add.output[0], bn, "Add")
-            single_consumer(index, matmul.output[0], add, "MatMul")
+            require_exclusive(index, add.output[0], bn, "Add")
+            require_exclusive(index, matmul.output[0], add, "MatMul")
         else:
-            single_consumer(index, matmul.output[0], bn, "MatMul")
+            require_exclusive(index, matmul.output[0], bn, "MatMul")
         weight = constant(index, matmul.input[1], "MatMul right operand")
         bias = constant(index, _bias_operand(add, matmul), "Add bias") if add is not None else None
         dtype = weight_dtype(weight, "MatMul right operand")
         if weight.ndim != 2:
-            raise Refusal("channel-axis-mismatch", f"MatMul right operand has rank {weight.ndim}, not 2")
+            raise Refusal(RANK_UNSUPPORTED, f"MatMul right operand has rank {weight.ndim}, not 2")
         out = index.tensor_type(matmul.output[0])
         if out is None or out.shape is None:
-            raise Refusal("rank-unknown", f"the rank of MatMul output {matmul.output[0]} is unknown")
+            raise Refusal(RANK_UNKNOWN, f"the rank of MatMul output {matmul.output[0]} is unknown")
         if len(out.shape) != 2:
-            raise Refusal("channel-axis-mismatch", f"MatMul output has rank {len(out.shape)}: BN's channel "
-                                                   "axis 1 is not MatMul's output axis")
+            raise Refusal(CHANNEL_AXIS_MISMATCH, f"MatMul output has rank {len(out.shape)}: BN's channel "
+                                                 "axis 1 is not MatMul's output axis")
         if bias is not None and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, weight.shape[1]))):
-            raise Refusal("channel-axis-mismatch", f"Add bias of shape {list(bias.shape)} is not per output column")
+            raise Refusal(CHANNEL_AXIS_MISMATCH, f"Add bias of shape {list(bias.shape)} is not per output column")
         scale, shift = bn_affine(bn, index, weight.shape[1])
         new_weight, new_bias = fold_after_matmul(weight, bias, scale, shift, dtype)
         return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"))
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         matmul, add, bn = match.neighbour, match.bias_add, match.bn
-        set_folded_input(index, matmul, 1, plan.arrays[1], f"{matmul.name or bn.name}_W_bnfold")
+        write_plan(index, matmul, plan, {1: "W"}, matmul.name or bn.name)
         if add is not None:
             position = list(add.input).index(_bias_operand(add, matmul))
             set_folded_input(index, add, position, plan.bias, f"{add.name or bn.name}_B_bnfold")
-            index.redirect_metadata_readers(add.output[0], bn.output[0])
-            index.remove_node(bn)
-            index.set_output(add, 0, bn.output[0])
+            absorb_into_producer(index, bn, add)
             return
         bias_name = index.add_initializer(plan.bias, f"{matmul.name or bn.name}_B_bnfold")
         new_add = onnx.helper.make_node("Add", [matmul.output[0], bias_name], [bn.output[0]],
@@ -116,11 +110,3 @@ class MatMulThenBN(FoldRule):
 def _bias_operand(add: onnx.NodeProto, matmul: onnx.NodeProto) -> str:
     first, second = add.input[0], add.input[1]
     return second if first == matmul.output[0] else first
-
-
-def set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            attr.CopyFrom(onnx.helper.make_attribute(name, value))
-            return
-    node.attribute.append(onnx.helper.make_attribute(name, value))

@@ -3,7 +3,9 @@
 ``W (scale * x + shift) + b = (W scale) x + (W shift + b)``: each *input* channel of W is scaled and
 W's response to the constant shift joins the bias. For Conv this is exact only without padding: a
 padded border sees zeros where the BN would have produced ``shift``, so any non-zero pad is refused.
-For Gemm the BN's channel axis must be A's axis 1 with transA = 0 (the reduced axis K).
+For Gemm the BN's channel axis must be A's axis 1 with transA = 0 (the reduced axis K); for MatMul the
+BN's input must be 2-D (its channel axis 1 is then the reduced axis). Conditions: the BN's output is
+read by the consumer only, as its data input (input 0), and is not a graph output.
 """
 
 from __future__ import annotations
@@ -13,22 +15,9 @@ import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
-from .base import (FoldRule, Match, Plan, Refusal, attribute, bn_affine, cast_checked, constant,
-                   optional_constant, set_folded_input, weight_dtype)
-from .linear import set_attribute
-
-
-def _consumer(bn: onnx.NodeProto, index: GraphIndex, ops: tuple[str, ...]) -> onnx.NodeProto | None:
-    users = index.value_readers(bn.output[0])
-    if len(users) == 1 and users[0].op_type in ops and users[0].domain in ("", "ai.onnx") \
-            and users[0].input[0] == bn.output[0]:
-        return users[0]
-    return None
-
-
-def _bn_output_exclusive(match: Match, index: GraphIndex) -> None:
-    if index.is_output(match.bn.output[0]):
-        raise Refusal("neighbour-output-is-graph-output", f"BN output {match.bn.output[0]} is a graph output")
+from ..reasons import CHANNEL_AXIS_MISMATCH, PADDING_PREVENTS_FOLD, RANK_UNKNOWN, RANK_UNSUPPORTED
+from .base import (FoldRule, Match, Plan, Refusal, absorb_into_consumer, attribute, bn_affine, cast_checked,
+                   constant, optional_constant, require_exclusive, sole_consumer_of, weight_dtype, write_plan)
 
 
 class BNThenConv(FoldRule):
@@ -37,12 +26,12 @@ class BNThenConv(FoldRule):
     summary = "scaled its input channels and added W * shift to its bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        conv = _consumer(bn, index, ("Conv",))
+        conv = sole_consumer_of(bn, index, ("Conv",))
         return Match(bn, conv) if conv is not None else None
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         conv, bn = match.neighbour, match.bn
-        _bn_output_exclusive(match, index)
+        require_exclusive(index, bn.output[0], conv, "BN")
         weight = constant(index, conv.input[1], "Conv weight")
         bias = optional_constant(index, conv, 2, "Conv bias")
         dtype = weight_dtype(weight, "Conv weight")
@@ -54,11 +43,8 @@ class BNThenConv(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         conv, bn = match.neighbour, match.bn
-        set_folded_input(index, conv, 1, plan.arrays[1], f"{conv.name or bn.name}_W_bnfold")
-        set_folded_input(index, conv, 2, plan.arrays[2], f"{conv.name or bn.name}_B_bnfold")
-        index.redirect_metadata_readers(bn.output[0], bn.input[0])
-        index.remove_node(bn)
-        index.set_input(conv, 0, bn.input[0])
+        write_plan(index, conv, plan, {1: "W", 2: "B"}, conv.name or bn.name)
+        absorb_into_consumer(index, bn, conv)
 
 
 def _check_no_padding(conv: onnx.NodeProto, weight: np.ndarray) -> None:
@@ -69,9 +55,9 @@ def _check_no_padding(conv: onnx.NodeProto, weight: np.ndarray) -> None:
         kernel = attribute(conv, "kernel_shape", list(weight.shape[2:]))
         strides = attribute(conv, "strides", [1] * len(kernel))
         if any(k != 1 for k in kernel) or any(s != 1 for s in strides):
-            raise Refusal("padding-prevents-fold", f"auto_pad={auto_pad} pads the BN's output with zeros")
+            raise Refusal(PADDING_PREVENTS_FOLD, f"auto_pad={auto_pad} pads the BN's output with zeros")
     elif auto_pad == "NOTSET" and any(p != 0 for p in pads):
-        raise Refusal("padding-prevents-fold", f"Conv pads {list(pads)}: the border would see 0, not the BN's shift")
+        raise Refusal(PADDING_PREVENTS_FOLD, f"Conv pads {list(pads)}: the border would see 0, not the BN's shift")
 
 
 class BNThenLinear(FoldRule):
@@ -80,31 +66,31 @@ class BNThenLinear(FoldRule):
     summary = "scaled the weight's rows and added shift @ W to the bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        node = _consumer(bn, index, ("Gemm", "MatMul"))
+        node = sole_consumer_of(bn, index, ("Gemm", "MatMul"))
         return Match(bn, node) if node is not None else None
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         node, bn = match.neighbour, match.bn
-        _bn_output_exclusive(match, index)
+        require_exclusive(index, bn.output[0], node, "BN")
         weight = constant(index, node.input[1], f"{node.op_type} weight")
         dtype = weight_dtype(weight, f"{node.op_type} weight")
         if weight.ndim != 2:
-            raise Refusal("channel-axis-mismatch", f"{node.op_type} weight has rank {weight.ndim}, not 2")
-        x_type = index.tensor_type(bn.input[0])
-        if node.op_type == "MatMul" and (x_type is None or x_type.shape is None):
-            raise Refusal("rank-unknown", f"the rank of BN input {bn.input[0]} is unknown")
-        if node.op_type == "MatMul" and len(x_type.shape) != 2:
-            raise Refusal("channel-axis-mismatch", f"BN input has rank {len(x_type.shape)}: its channel axis "
-                                                   "is not MatMul's reduced axis")
+            raise Refusal(RANK_UNSUPPORTED, f"{node.op_type} weight has rank {weight.ndim}, not 2")
         if node.op_type == "Gemm":
             return self._gemm_plan(node, bn, index, weight, dtype)
+        x_type = index.tensor_type(bn.input[0])
+        if x_type is None or x_type.shape is None:
+            raise Refusal(RANK_UNKNOWN, f"the rank of BN input {bn.input[0]} is unknown")
+        if len(x_type.shape) != 2:
+            raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN input has rank {len(x_type.shape)}: its channel axis "
+                                                 "is not MatMul's reduced axis")
         scale, shift = bn_affine(bn, index, weight.shape[0])
         new_weight, new_bias = fold_before_matmul(weight, None, scale, shift)
         return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"))
 
     def _gemm_plan(self, gemm, bn, index, weight, dtype) -> Plan:
         if attribute(gemm, "transA", 0):
-            raise Refusal("channel-axis-mismatch", "Gemm transA=1: BN's channel axis is Gemm's output row axis")
+            raise Refusal(CHANNEL_AXIS_MISMATCH, "Gemm transA=1: BN's channel axis is Gemm's output row axis")
         trans_b = bool(attribute(gemm, "transB", 0))
         k_by_n = weight.T if trans_b else weight
         scale, shift = bn_affine(bn, index, k_by_n.shape[0])
@@ -120,13 +106,9 @@ class BNThenLinear(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         node, bn = match.neighbour, match.bn
-        set_folded_input(index, node, 1, plan.arrays[1], f"{node.name or bn.name}_W_bnfold")
-        index.redirect_metadata_readers(bn.output[0], bn.input[0])
-        index.remove_node(bn)
-        index.set_input(node, 0, bn.input[0])
+        write_plan(index, node, plan, {1: "W", 2: "C"}, node.name or bn.name)
+        absorb_into_consumer(index, bn, node)
         if node.op_type == "Gemm":
-            set_folded_input(index, node, 2, plan.arrays[2], f"{node.name or bn.name}_C_bnfold")
-            set_attribute(node, "beta", plan.attributes["beta"])
             return
         output = node.output[0]
         product = index.context.fresh_name(f"{output}_unbiased")

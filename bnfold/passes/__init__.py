@@ -1,0 +1,21 @@
+"""The passes bnfold runs over a model, in this order (see docs/design.md, "Passes").
+
+Adding a pass: write one module with a :class:`~bnfold.passes.base.Pass` subclass and put an instance
+here. Dead-code removal stays last: it cleans up after every other pass.
+"""
+
+from .base import Decision, FoldOptions, Pass, PassResult, PipelineState
+from .dead_code import RemoveDeadCode
+from .fold_batchnorm import FoldBatchNorm
+
+PIPELINE = (
+    FoldBatchNorm(),   # BN -> neighbouring Conv/ConvTranspose/Gemm/MatMul (bnfold.rules)
+    RemoveDeadCode(),  # what the passes above disconnected
+)
+
+__all__ = ["PIPELINE", "Decision", "FoldOptions", "Pass", "PassResult", "PipelineState", "run_pipeline"]
+
+
+def run_pipeline(state: PipelineState, passes=None) -> list[PassResult]:
+    """Run every pass of `passes` (default: PIPELINE) in order over `state.model`."""
+    return [p.run(state) for p in (PIPELINE if passes is None else passes)]

@@ -1,0 +1,69 @@
+"""The pass contract: what a pass gets, what it may change, and what it returns.
+
+A pass is a small class with a stable ``name`` and one method, ``run(state) -> PassResult``. It edits
+``state.model`` in place (the caller owns that model: bnfold never edits a model it was handed), and
+returns one :class:`Decision` per node it acted on or considered, each with a stable reason code from
+:mod:`bnfold.reasons`. A pass that disconnects tensors records their names in ``state.released`` so that
+the dead-code pass, which runs last, removes what only fed them and nothing else. Passes never write
+files and never raise for a node they cannot handle: they leave it with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from ..graph import ModelContext
+
+
+@dataclass(frozen=True)
+class FoldOptions:
+    """What the caller asks of the pipeline."""
+    exclude_nodes: frozenset[str] = frozenset()  # BatchNormalization nodes to leave as they are
+
+
+@dataclass
+class Decision:
+    """What a pass decided for one node: `reason` is a stable code (bnfold.reasons), `detail` words."""
+    node: str
+    reason: str
+    detail: str = ""
+    rule: str | None = None
+    neighbour: str | None = None
+    neighbour_op: str | None = None
+    graph: str = ""  # path of the subgraph holding the node; "" for the main graph
+    op_type: str = "BatchNormalization"  # the decided node's op type
+
+    @property
+    def folded(self) -> bool:
+        from ..reasons import FOLDED
+        return self.reason == FOLDED
+
+
+@dataclass
+class PassResult:
+    """One pass's outcome: its decisions, and whether it changed the model."""
+    name: str
+    decisions: list[Decision] = field(default_factory=list)
+    modified: bool = False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "modified": self.modified, "decisions": [asdict(d) for d in self.decisions]}
+
+
+@dataclass
+class PipelineState:
+    """What the passes of one run share: the model being edited and what earlier passes released."""
+    model: onnx.ModelProto
+    context: ModelContext
+    options: FoldOptions = FoldOptions()
+    released: set[str] = field(default_factory=set)  # names some node stopped reading or producing
+
+
+class Pass:
+    """Base of every pass; subclasses set `name` and implement `run`."""
+    name = "pass"
+
+    def run(self, state: PipelineState) -> PassResult:
+        raise NotImplementedError

@@ -1,0 +1,97 @@
+"""Fold each BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul next to it.
+
+For every BN (subgraphs too, outer graphs first, so a subgraph sees its outer scope already folded)
+the rules of :data:`bnfold.rules.RULES` are tried in order; the first whose check passes rewrites the
+graph. A BN that no rule folds stays, with the first refusal's reason, or ``no-foldable-neighbour``.
+Exact because each rule folds only under the conditions its module states and checks: an
+inference-mode BN is an affine map per channel, and composing it with a linear op is again linear.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from ..errors import BnfoldError
+from ..graph import GraphIndex, all_graphs, walk_graphs
+from ..reasons import EXCLUDED_BY_USER, FOLDED, NO_FOLDABLE_NEIGHBOUR
+from ..rules import RULES
+from ..rules.base import Refusal, bn_mode_refusal
+from .base import Decision, Pass, PassResult, PipelineState
+
+
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
+class FoldBatchNorm(Pass):
+    """BN -> its neighbouring linear op, by the first rule that applies."""
+    name = "fold-batchnorm"
+
+    def run(self, state: PipelineState) -> PassResult:
+        excluded = state.options.exclude_nodes
+        _check_excluded_exist(state.model, excluded)
+        result = PassResult(self.name)
+        indexes: dict[int, GraphIndex] = {}
+        for path, graph, parent in walk_graphs(state.model.graph):
+            index = GraphIndex(graph, state.context, indexes.get(id(parent)) if parent is not None else None)
+            indexes[id(graph)] = index
+            for node in list(graph.node):
+                if is_batchnorm(node):
+                    result.decisions.append(_fold_one(node, index, excluded, path))
+                    state.context.release_reads()
+            state.released |= index.released
+        result.modified = any(d.folded for d in result.decisions)
+        return result
+
+
+def _check_excluded_exist(model: onnx.ModelProto, excluded: frozenset[str]) -> None:
+    names = {n.name for g in all_graphs(model.graph) for n in g.node if is_batchnorm(n)}
+    unknown = sorted(excluded - names)
+    if unknown:
+        raise BnfoldError(f"{unknown[0]}: no BatchNormalization node has that name",
+                          note="`bnfold inspect MODEL` lists their names", option="exclude_nodes")
+
+
+def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str], path: str) -> Decision:
+    decision = Decision(node=bn.name, reason="", graph=path)
+    if bn.name and bn.name in excluded:
+        decision.reason, decision.detail = EXCLUDED_BY_USER, "named by --exclude-node"
+        return decision
+    refusal = bn_mode_refusal(bn, index)
+    if refusal is not None:
+        decision.reason, decision.detail = refusal.reason, refusal.detail
+        return decision
+    first_refusal = None
+    for rule in RULES:
+        match = rule.match(bn, index)
+        if match is None:
+            continue
+        try:
+            plan = rule.check(match, index)
+        except Refusal as refusal:
+            first_refusal = first_refusal or (rule, match, refusal)
+            continue
+        _describe(decision, rule, match)
+        rule.rewrite(match, plan, index)
+        decision.reason, decision.detail = FOLDED, rule.summary
+        return decision
+    if first_refusal is not None:
+        rule, match, refusal = first_refusal
+        _describe(decision, rule, match)
+        decision.reason, decision.detail = refusal.reason, refusal.detail
+        return decision
+    decision.reason, decision.detail = NO_FOLDABLE_NEIGHBOUR, _neighbourhood(bn, index)
+    return decision
+
+
+def _describe(decision: Decision, rule, match) -> None:
+    decision.rule = rule.name
+    decision.neighbour = match.neighbour.name
+    decision.neighbour_op = match.neighbour.op_type
+
+
+def _neighbourhood(bn: onnx.NodeProto, index: GraphIndex) -> str:
+    producer = index.producer.get(bn.input[0])
+    before = f"{producer.op_type} {producer.name!r}" if producer is not None else f"input {bn.input[0]!r}"
+    after = sorted({n.op_type for n in index.users(bn.output[0])}) or ["graph output"]
+    return f"fed by {before}, read by {', '.join(after)}"
