@@ -64,6 +64,14 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _table(*columns: str):
+    from rich.table import Table
+    table = Table()
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
 def summary_table(report: FoldReport):
     """A rich table: BN total, folded, left by reason, then the op counts that changed."""
     from rich.table import Table
@@ -85,10 +93,7 @@ def summary_table(report: FoldReport):
 
 def decisions_table(report: FoldReport):
     """A rich table with one row per BatchNormalization: neighbour, decision, why."""
-    from rich.table import Table
-    table = Table()
-    for column in ("BatchNormalization", "neighbour", "decision", "detail"):
-        table.add_column(column, overflow="fold")
+    table = _table("BatchNormalization", "neighbour", "decision", "detail")
     for d in report.decisions:
         neighbour = f"{d.neighbour_op} {d.neighbour}" if d.neighbour_op else "-"
         name = f"{d.graph}/{d.node}" if d.graph else d.node
@@ -98,10 +103,7 @@ def decisions_table(report: FoldReport):
 
 def passes_table(report: FoldReport):
     """A rich table with one row per pass and decision: how many nodes, of which op types."""
-    from rich.table import Table
-    table = Table()
-    for column in ("pass", "decision", "nodes", "op types"):
-        table.add_column(column, overflow="fold")
+    table = _table("pass", "decision", "nodes", "op types")
     for result in report.passes:
         by_reason: dict[str, Counter] = {}
         for d in result.decisions:

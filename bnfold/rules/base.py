@@ -23,7 +23,7 @@ from ..graph import GraphIndex
 from ..math import bn_scale_shift
 from ..reasons import (BN_EXTRA_OUTPUTS_USED, CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED,
                        INVALID_STATISTICS, NEIGHBOUR_HAS_OTHER_CONSUMERS, NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT,
-                       NON_SPATIAL_BN, TRAINING_MODE, WEIGHTS_NOT_CONSTANT)
+                       NON_SPATIAL_BN, RANK_UNKNOWN, WEIGHTS_NOT_CONSTANT)
 
 FOLDABLE_DTYPES = {
     onnx.TensorProto.FLOAT: np.dtype(np.float32),
@@ -34,6 +34,7 @@ FOLDABLE_DTYPES = {
 
 __all__ = ["FOLDABLE_DTYPES", "FoldRule", "Match", "Plan", "Refusal", "absorb_into_consumer",
            "absorb_into_producer", "attribute", "bn_affine", "bn_mode_refusal", "cast_checked", "constant",
+           "known_rank",
            "optional_constant", "producer_of", "require_exclusive", "set_attribute", "sole_consumer_of",
            "weight_dtype", "write_plan"]
 
@@ -110,6 +111,14 @@ def require_exclusive(index: GraphIndex, name: str, reader: onnx.NodeProto, what
     if others:
         listed = ", ".join(f"{n.op_type} {n.name!r}" for n in others[:3])
         raise Refusal(NEIGHBOUR_HAS_OTHER_CONSUMERS, f"{what} output {name} is also read by {listed}")
+
+
+def known_rank(index: GraphIndex, name: str, what: str) -> int:
+    """The rank of tensor `name` (declared or inferred), or a rank-unknown refusal."""
+    tensor_type = index.tensor_type(name)
+    if tensor_type is None or tensor_type.shape is None:
+        raise Refusal(RANK_UNKNOWN, f"the rank of {what} {name} is unknown")
+    return len(tensor_type.shape)
 
 
 # ------------------------------------------------------------------------------------ BN parameters

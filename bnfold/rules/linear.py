@@ -14,9 +14,9 @@ import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_after_gemm, fold_after_matmul
-from ..reasons import CHANNEL_AXIS_MISMATCH, RANK_UNKNOWN, RANK_UNSUPPORTED
+from ..reasons import CHANNEL_AXIS_MISMATCH, RANK_UNSUPPORTED
 from .base import (FoldRule, Match, Plan, Refusal, absorb_into_producer, attribute, bn_affine, cast_checked,
-                   constant, optional_constant, producer_of, require_exclusive, set_folded_input,
+                   constant, known_rank, optional_constant, producer_of, require_exclusive, set_folded_input,
                    weight_dtype, write_plan)
 
 
@@ -79,12 +79,10 @@ class MatMulThenBN(FoldRule):
         dtype = weight_dtype(weight, "MatMul right operand")
         if weight.ndim != 2:
             raise Refusal(RANK_UNSUPPORTED, f"MatMul right operand has rank {weight.ndim}, not 2")
-        out = index.tensor_type(matmul.output[0])
-        if out is None or out.shape is None:
-            raise Refusal(RANK_UNKNOWN, f"the rank of MatMul output {matmul.output[0]} is unknown")
-        if len(out.shape) != 2:
-            raise Refusal(CHANNEL_AXIS_MISMATCH, f"MatMul output has rank {len(out.shape)}: BN's channel "
-                                                 "axis 1 is not MatMul's output axis")
+        rank = known_rank(index, matmul.output[0], "MatMul output")
+        if rank != 2:
+            raise Refusal(CHANNEL_AXIS_MISMATCH, f"MatMul output has rank {rank}: BN's channel axis 1 is not "
+                                                 "MatMul's output axis")
         if bias is not None and (bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, weight.shape[1]))):
             raise Refusal(CHANNEL_AXIS_MISMATCH, f"Add bias of shape {list(bias.shape)} is not per output column")
         scale, shift = bn_affine(bn, index, weight.shape[1])

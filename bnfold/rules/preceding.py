@@ -15,9 +15,10 @@ import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
-from ..reasons import CHANNEL_AXIS_MISMATCH, PADDING_PREVENTS_FOLD, RANK_UNKNOWN, RANK_UNSUPPORTED
+from ..reasons import CHANNEL_AXIS_MISMATCH, PADDING_PREVENTS_FOLD, RANK_UNSUPPORTED
 from .base import (FoldRule, Match, Plan, Refusal, absorb_into_consumer, attribute, bn_affine, cast_checked,
-                   constant, optional_constant, require_exclusive, sole_consumer_of, weight_dtype, write_plan)
+                   constant, known_rank, optional_constant, require_exclusive, sole_consumer_of, weight_dtype,
+                   write_plan)
 
 
 class BNThenConv(FoldRule):
@@ -78,12 +79,10 @@ class BNThenLinear(FoldRule):
             raise Refusal(RANK_UNSUPPORTED, f"{node.op_type} weight has rank {weight.ndim}, not 2")
         if node.op_type == "Gemm":
             return self._gemm_plan(node, bn, index, weight, dtype)
-        x_type = index.tensor_type(bn.input[0])
-        if x_type is None or x_type.shape is None:
-            raise Refusal(RANK_UNKNOWN, f"the rank of BN input {bn.input[0]} is unknown")
-        if len(x_type.shape) != 2:
-            raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN input has rank {len(x_type.shape)}: its channel axis "
-                                                 "is not MatMul's reduced axis")
+        rank = known_rank(index, bn.input[0], "BN input")
+        if rank != 2:
+            raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN input has rank {rank}: its channel axis is not "
+                                                 "MatMul's reduced axis")
         scale, shift = bn_affine(bn, index, weight.shape[0])
         new_weight, new_bias = fold_before_matmul(weight, None, scale, shift)
         return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"))
