@@ -18,8 +18,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import BnfoldError, first_line
-from .mapped import (MappedFile, copy_field, is_stub, load_mapped, payload_mismatch, record, record_prefix,
-                     weightless)
+from .mapped import MappedFile, is_stub, load_mapped, payload_mismatch, weightless
+from .wire import GRAPH, INITIALIZER, copy_field, record, record_prefix, tensor_payload_bytes
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
 
@@ -138,10 +138,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     """Write `model` to `path` atomically; use external data if asked or if it is too large.
     `source` is the mapped input file that the model's stubs (see bnfold.mapped) point into.
     `accept(staged_path)` runs on the complete file before it is renamed into place; if it raises,
-    nothing is written."""
+    nothing is written. Saving with external data moves `model`'s weights out of it (onnx does so in
+    place; a copy would double the memory of a model too large for one file)."""
     path = Path(path)
     folder = check_output_path(path)
-    external_data = external_data or _payload_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
+    external_data = external_data or _initializer_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
     try:
         if external_data:
             _save_with_external_data(model, path, folder, source, accept)
@@ -211,10 +212,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         staged.write_text(text)
 
 
-_GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-
-
 def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None) -> None:
     """Serialize `model` one initializer at a time instead of as one giant bytes object.
 
@@ -233,7 +230,7 @@ def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None
     for field, value in graph.ListFields():
         if field.name != "initializer":
             copy_field(skeleton, field, value)
-    handle.write(record(_GRAPH_FIELD, skeleton.SerializeToString()))
+    handle.write(record(GRAPH, skeleton.SerializeToString()))
     for tensor in graph.initializer:
         if is_stub(tensor):
             if source is None:
@@ -241,8 +238,8 @@ def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None
             body = source.body(tensor)
         else:
             body = tensor.SerializeToString()
-        inner = record_prefix(_INITIALIZER_FIELD, len(body))
-        handle.write(record_prefix(_GRAPH_FIELD, len(inner) + len(body)) + inner)
+        inner = record_prefix(INITIALIZER, len(body))
+        handle.write(record_prefix(GRAPH, len(inner) + len(body)) + inner)
         handle.write(body)  # large: written as is, never concatenated
         if is_stub(tensor):
             del body
@@ -255,16 +252,12 @@ def _materialize_stubs(model: onnx.ModelProto, source: MappedFile | None) -> Non
             tensor.CopyFrom(source.tensor(tensor))
 
 
-def _payload_bytes(model: onnx.ModelProto, source: MappedFile | None) -> int:
-    """Approximate serialized size from the initializers' payloads (ByteSize() costs a full encode)."""
-    total = 0
-    for t in model.graph.initializer:
-        if is_stub(t):
-            total += source.size(t) if source is not None else 0
-        else:
-            total += len(t.raw_data) + 8 * (len(t.float_data) + len(t.int64_data) + len(t.double_data) +
-                                            len(t.int32_data))
-    return total
+def _initializer_bytes(model: onnx.ModelProto, source: MappedFile | None) -> int:
+    """The serialized size of the main graph's initializer values (a stub: its record in `source`),
+    which is most of a large model; the margin under PROTOBUF_LIMIT covers the rest. Cheaper than
+    model.ByteSize(), which encodes the whole model."""
+    return sum((source.size(t) if source is not None else 0) if is_stub(t) else tensor_payload_bytes(t)
+               for t in model.graph.initializer)
 
 
 def _has_external_data(model: onnx.ModelProto, ignore_stubs: bool = False) -> bool:

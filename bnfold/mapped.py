@@ -18,6 +18,9 @@ import os
 import numpy as np
 import onnx
 
+from .wire import (DATA_LOCATION, GRAPH, INITIALIZER, LENGTH_DELIMITED, RAW_DATA, copy_field, fields, record,
+                   tensor_payload_bytes)
+
 MARK = "bnfold:mapped"  # external_data location of a stub; never written to a file
 # Fixed-width types whose raw_data is a plain little-endian array (packed 4-bit types are excluded).
 _STUB_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -26,10 +29,6 @@ _STUB_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
                onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
                onnx.TensorProto.BOOL}
 _STUB_MIN_BYTES = 1024  # smaller payloads are parsed normally
-_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
-_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
-_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
-_DATA_LOCATION = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_location"].number
 
 
 class MappedFile:
@@ -106,26 +105,11 @@ def weightless(model: onnx.ModelProto, keep_bytes: int = 4096) -> onnx.ModelProt
             copy_field(copy.graph, field, value)
     declared = {v.name for v in model.graph.input}
     for tensor in model.graph.initializer:
-        if not is_stub(tensor) and _payload_bytes(tensor) <= keep_bytes:
+        if not is_stub(tensor) and tensor_payload_bytes(tensor) <= keep_bytes:
             copy.graph.initializer.append(tensor)
         elif tensor.name not in declared:
             copy.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
     return copy
-
-
-def copy_field(target, field, value) -> None:
-    """Set one field of `target` from (descriptor, value) as given by ListFields()."""
-    if field.is_repeated:
-        getattr(target, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(target, field.name).CopyFrom(value)
-    else:
-        setattr(target, field.name, value)
-
-
-def _payload_bytes(tensor: onnx.TensorProto) -> int:
-    return len(tensor.raw_data) + 4 * (len(tensor.float_data) + len(tensor.int32_data)) + \
-        8 * (len(tensor.int64_data) + len(tensor.double_data))
 
 
 def is_stub(tensor: onnx.TensorProto) -> bool:
@@ -144,21 +128,21 @@ def load_mapped(path: str | os.PathLike) -> tuple[onnx.ModelProto, MappedFile]:
     buffer = source.buffer
     head = bytearray()
     graph = bytearray()
-    for field, wire, start, end, at in _fields(buffer, 0, len(buffer)):
-        if field == _GRAPH and wire == 2:
+    for field, wire, start, end, at in fields(buffer, 0, len(buffer)):
+        if field == GRAPH and wire == LENGTH_DELIMITED:
             graph += _graph_skeleton(buffer, start, end)
         else:
             head += buffer[at:end]
     model = onnx.ModelProto()
-    model.ParseFromString(bytes(head) + record(_GRAPH, bytes(graph)))
+    model.ParseFromString(bytes(head) + record(GRAPH, bytes(graph)))
     return model, source
 
 
 def _graph_skeleton(buffer, start: int, end: int) -> bytearray:
     out = bytearray()
-    for field, wire, value_start, value_end, at in _fields(buffer, start, end):
-        stub = _stub(buffer, value_start, value_end) if field == _INITIALIZER and wire == 2 else None
-        out += record(_INITIALIZER, stub.SerializeToString()) if stub is not None else buffer[at:value_end]
+    for field, wire, value_start, value_end, at in fields(buffer, start, end):
+        stub = _stub(buffer, value_start, value_end) if field == INITIALIZER and wire == LENGTH_DELIMITED else None
+        out += record(INITIALIZER, stub.SerializeToString()) if stub is not None else buffer[at:value_end]
     return out
 
 
@@ -166,10 +150,10 @@ def _stub(buffer, start: int, end: int) -> onnx.TensorProto | None:
     """The tensor at buffer[start:end] without its raw_data, or None if it is small or not raw."""
     header = bytearray()
     data = None
-    for field, wire, value_start, value_end, at in _fields(buffer, start, end):
-        if field == _RAW_DATA and wire == 2:
+    for field, wire, value_start, value_end, at in fields(buffer, start, end):
+        if field == RAW_DATA and wire == LENGTH_DELIMITED:
             data = (value_start, value_end)
-        elif field == _DATA_LOCATION and buffer[value_start] != 0:
+        elif field == DATA_LOCATION and buffer[value_start] != 0:
             return None  # already external
         else:
             header += buffer[at:value_end]
@@ -185,57 +169,3 @@ def _stub(buffer, start: int, end: int) -> onnx.TensorProto | None:
         entry = stub.external_data.add()
         entry.key, entry.value = key, str(value)
     return stub
-
-
-def _fields(buffer, start: int, end: int):
-    """Yield (field number, wire type, value start, value end, record start) of a message."""
-    pos = start
-    while pos < end:
-        at = pos
-        key, pos = _varint(buffer, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, value_end = _varint(buffer, pos)
-        elif wire == 1:
-            value_end = pos + 8
-        elif wire == 2:
-            length, pos = _varint(buffer, pos)
-            value_end = pos + length
-        elif wire == 5:
-            value_end = pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if value_end > end:
-            raise ValueError("truncated protobuf message")
-        yield field, wire, pos, value_end, at
-        pos = value_end
-
-
-def _varint(buffer, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buffer[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def record(field: int, body: bytes) -> bytes:
-    """A length-delimited protobuf record: key, length, body."""
-    return record_prefix(field, len(body)) + body
-
-
-def record_prefix(field: int, length: int) -> bytes:
-    """The key and length that precede a length-delimited record's body."""
-    return _encode_varint(field << 3 | 2) + _encode_varint(length)
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)

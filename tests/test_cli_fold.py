@@ -1,6 +1,7 @@
 """`bnfold fold` and `bnfold inspect` from the command line: outputs, reports, and every bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,17 +52,49 @@ def test_dry_run_writes_nothing(model_file, tmp_path):
 
 
 def test_several_inputs_to_out_dir_in_parallel(tmp_path, rng):
-    for name in ("a.onnx", "b.onnx"):
-        onnx.save(conv_bn(rng), tmp_path / name)
-    out = tmp_path / "out"
+    """Each output is the fold of its own input: byte-identical to a serial fold of that input (two
+    different models, so outputs swapped or mixed between workers would show)."""
+    inputs = {"a.onnx": conv_bn(rng), "b.onnx": conv_bn(rng, channels_out=8)}
+    for name, model in inputs.items():
+        onnx.save(model, tmp_path / name)
+    out, serial = tmp_path / "out", tmp_path / "serial"
     out.mkdir()
+    serial.mkdir()
     assert main(["fold", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--out-dir", str(out), "--jobs", "2"]) == 0
     assert listing(out) == {"a.onnx", "b.onnx"}
+    for name, model in inputs.items():
+        assert main(["fold", str(tmp_path / name), "-o", str(serial / name)]) == 0
+        assert (out / name).read_bytes() == (serial / name).read_bytes(), name
+        assert_same_function(model, onnx.load(out / name))
+    assert (out / "a.onnx").read_bytes() != (out / "b.onnx").read_bytes()
 
 
-def test_in_place_replaces_atomically(model_file):
+def test_in_place_replaces_atomically(model_file, tmp_path):
+    """The input is replaced by a new file (a rename: new inode, no temporary left) that computes what
+    the original did."""
+    original = onnx.load(model_file)
+    inode = model_file.stat().st_ino
     assert main(["fold", str(model_file), "--in-place"]) == 0
-    assert [n.op_type for n in onnx.load(model_file).graph.node] == ["Conv"]
+    folded = onnx.load(model_file)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    assert model_file.stat().st_ino != inode
+    assert listing(tmp_path) == {"model.onnx"}
+    assert_same_function(original, folded)
+
+
+def test_in_place_write_failure_keeps_the_original(model_file, tmp_path, monkeypatch, capsys):
+    """A write that fails half-way leaves the input's bytes (and inode) as they were, and no temporary."""
+    import bnfold.io
+
+    def fails_half_way(model, handle, source=None):
+        handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bnfold.io, "write_model", fails_half_way)
+    before, inode = model_file.read_bytes(), model_file.stat().st_ino
+    assert main(["fold", str(model_file), "--in-place"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert model_file.read_bytes() == before and model_file.stat().st_ino == inode
+    assert listing(tmp_path) == {"model.onnx"}
 
 
 def test_exclude_node(model_file, tmp_path, capsys):
@@ -78,10 +111,32 @@ def test_external_data_output(tmp_path, rng):
     assert_same_function(onnx.load(model_file), onnx.load(out))
 
 
+def test_external_data_verify_failure_leaves_nothing(tmp_path, rng, capsys):
+    """--external-data stages OUT and OUT.data together; when verification fails, neither they nor
+    the staging folder may remain. Verification is made to fail with an input of NaNs: a NaN output
+    fails in any model, whatever the fold computes. The same command with random inputs (the control)
+    writes both files."""
+    model_file = tmp_path / "big.onnx"
+    onnx.save(conv_bn(rng, channels_in=16, channels_out=32), model_file)
+    nan_inputs = tmp_path / "nan.npz"
+    np.savez(nan_inputs, x=np.full((2, 16, 7, 7), np.nan, np.float32))
+    passing, failing = tmp_path / "passing", tmp_path / "failing"
+    passing.mkdir()
+    failing.mkdir()
+    command = ["fold", str(model_file), "--external-data", "--verify"]
+    assert main(command + ["-o", str(passing / "ext.onnx")]) == 0
+    assert listing(passing) == {"ext.onnx", "ext.onnx.data"}
+    capsys.readouterr()
+    assert main(command + ["-o", str(failing / "ext.onnx"), "--inputs", str(nan_inputs)]) == 1
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "nothing was written" in captured.err
+    assert listing(failing) == set()
+
+
 def test_inspect_lists_decisions(model_file, capsys):
     assert main(["inspect", str(model_file)]) == 0
     out = capsys.readouterr().out
-    assert "bn" in out and "Conv conv" in out and "folded" in out
+    assert any(re.search(r"\bbn\b.*\bConv conv\b.*\bfolded\b", line) for line in out.splitlines()), out
     assert main(["inspect", str(model_file), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["decisions"][0]["neighbour"] == "conv"
 

@@ -3,11 +3,14 @@
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
+from bnfold.cli import main
 from bnfold.errors import BnfoldError
 from bnfold.fold import fold_file, fold_model
 from bnfold.io import load_model, open_model, save_model
-from bnfold.mapped import is_stub
+from bnfold.mapped import is_stub, load_mapped
+from bnfold.wire import tensor_payload_bytes
 from tests.builders import conv_bn, gemm_bn
 
 
@@ -111,3 +114,87 @@ def test_folding_a_folded_file_gives_the_same_bytes(tmp_path, big_model):
     report = fold_file(tmp_path / "once.onnx", tmp_path / "twice.onnx")
     assert report.total == 0
     assert (tmp_path / "once.onnx").read_bytes() == (tmp_path / "twice.onnx").read_bytes()
+
+
+def test_invalid_ir3_model_is_refused_through_the_mapped_path(tmp_path, rng, capsys):
+    """IR 3 requires every initializer to be listed in graph.input. The checker sees a weightless
+    copy, where a stub is declared as an input, so bnfold must check this of the stubs itself."""
+    model = conv_bn(rng, channels_in=16, channels_out=32, opset=7)
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in model.graph.initializer)
+    onnx.checker.check_model(model, full_check=True)  # valid with every initializer listed
+    del model.graph.input[[v.name for v in model.graph.input].index("W")]
+    path = tmp_path / "ir3.onnx"
+    onnx.save(model, path)
+    mapped, source = load_mapped(path)
+    source.close()
+    assert [t.name for t in mapped.graph.initializer if is_stub(t)] == ["W"]  # the path under test
+    with pytest.raises(BnfoldError, match="W in initializer but not in graph input"):
+        open_model(path)
+    assert main(["fold", str(path), "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnfold: error:") and "W in initializer but not in graph input" in err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ir3.onnx"]
+
+
+def _values_cleared(tensor: TensorProto) -> TensorProto:
+    bare = TensorProto()
+    bare.CopyFrom(tensor)
+    for name in ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+        bare.ClearField(name)
+    return bare
+
+
+# One tensor per storage field, with values whose encoding width varies: int32_data holds float16 and
+# bfloat16 bit patterns (1-3 bytes each), bools, and int8/int16 values that are 10 bytes when negative.
+STORAGE_CASES = {
+    "raw_data": helper.make_tensor("t", TensorProto.FLOAT, [300], np.ones(300, np.float32).tobytes(), raw=True),
+    "raw_data-empty": helper.make_tensor("t", TensorProto.FLOAT, [0], b"", raw=True),
+    "float_data": helper.make_tensor("t", TensorProto.FLOAT, [3], [1.0, -2.5, 3e38]),
+    "double_data": helper.make_tensor("t", TensorProto.DOUBLE, [2], [1.0, -1e300]),
+    "int32_data-float16": helper.make_tensor("t", TensorProto.FLOAT16, [4], np.array([0, 1, -2, 65504], np.float16)),
+    "int32_data-bfloat16": helper.make_tensor("t", TensorProto.BFLOAT16, [3], [0.0, -1.5, 3.0e38]),
+    "int32_data-int8": helper.make_tensor("t", TensorProto.INT8, [4], [-1, 2, -128, 127]),
+    "int32_data-int16": helper.make_tensor("t", TensorProto.INT16, [3], [-32768, 300, 0]),
+    "int32_data-int32": helper.make_tensor("t", TensorProto.INT32, [3], [-2**31, 2**31 - 1, 127]),
+    "int32_data-bool": helper.make_tensor("t", TensorProto.BOOL, [3], [True, False, True]),
+    "int64_data": helper.make_tensor("t", TensorProto.INT64, [4], [-1, 2**40, 0, -2**63]),
+    "uint64_data": helper.make_tensor("t", TensorProto.UINT64, [3], [0, 2**64 - 1, 300]),
+    "string_data": helper.make_tensor("t", TensorProto.STRING, [2], [b"ab", b"x" * 200]),
+    "empty": helper.make_tensor("t", TensorProto.FLOAT, [0], []),
+}
+
+
+@pytest.mark.parametrize("tensor", STORAGE_CASES.values(), ids=STORAGE_CASES.keys())
+def test_payload_bytes_is_the_serialized_size_of_the_values(tensor):
+    """The size that decides whether a model exceeds protobuf's 2 GiB: exactly what the value fields
+    add to the serialized tensor, for every field a tensor can store its values in."""
+    assert tensor_payload_bytes(tensor) == tensor.ByteSize() - _values_cleared(tensor).ByteSize()
+
+
+def test_payload_bytes_of_a_large_int8_tensor(rng):
+    """Negative int8 values take 10 bytes each in int32_data (more than the 8 once assumed)."""
+    values = rng.integers(-128, 0, 10_000).astype(np.int8)
+    tensor = helper.make_tensor("t", TensorProto.INT8, values.shape, values)
+    assert tensor_payload_bytes(tensor) == tensor.ByteSize() - _values_cleared(tensor).ByteSize()
+    assert tensor_payload_bytes(tensor) > 8 * values.size
+
+
+def test_a_model_over_the_protobuf_limit_is_saved_with_external_data(tmp_path, big_model, monkeypatch):
+    """Past protobuf's limit (lowered here to just under this model's weights) the weights go to
+    OUT.data even when external data was not asked for; the model reads back the same."""
+    import bnfold.io
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in big_model.graph.initializer}
+    weights = sum(tensor_payload_bytes(t) for t in big_model.graph.initializer)
+    monkeypatch.setattr(bnfold.io, "PROTOBUF_LIMIT", (64 << 20) + weights + 1)
+    save_model(big_model, tmp_path / "under.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["under.onnx"]
+    monkeypatch.setattr(bnfold.io, "PROTOBUF_LIMIT", (64 << 20) + weights)
+    save_model(big_model, tmp_path / "over.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["over.onnx", "over.onnx.data", "under.onnx"]
+    loaded = onnx.load(tmp_path / "over.onnx")
+    assert {t.name for t in loaded.graph.initializer} == expected.keys()
+    for tensor in loaded.graph.initializer:
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), expected[tensor.name])
