@@ -33,7 +33,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
-from bnfold.bench import LEVELS
+from bnfold.graph import all_graphs
+from bnfold.runtime import session_options
 
 CHANGE_FACTOR = 10.0  # outputs further from the original's than this many times its own error: changed
 RANGE_FLOOR = 1e-5  # ... plus this share of the output's range, for outputs the original gets exact
@@ -69,26 +70,13 @@ class Reference:
 
 def count_ops(model: onnx.ModelProto) -> tuple[int, int]:
     """(BatchNormalization nodes, all nodes), subgraphs included."""
-    bn = nodes = 0
-    stack = [model.graph]
-    while stack:
-        graph = stack.pop()
-        for node in graph.node:
-            nodes += 1
-            bn += node.op_type == "BatchNormalization"
-            for attr in node.attribute:
-                stack.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
-    return bn, nodes
+    ops = [node.op_type for graph in all_graphs(model.graph) for node in graph.node]
+    return ops.count("BatchNormalization"), len(ops)
 
 
 def session(path: Path, level: str) -> ort.InferenceSession:
     """One intra-op thread, sequential: the most stable figures on a shared machine."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS[level]
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    options = session_options(level, threads=1)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

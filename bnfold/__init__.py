@@ -12,7 +12,7 @@ from .report import Decision, FoldReport
 
 _LAZY = {
     "verify_models": "verify", "verify_against_reference": "verify", "VerifyOptions": "verify",
-    "VerifyReport": "verify", "Tolerance": "verify", "DEFAULT_TOLERANCES": "verify",
+    "VerifyReport": "verify", "Tolerance": "compare", "DEFAULT_TOLERANCES": "compare",
     "bench_models": "bench", "BenchOptions": "bench", "BenchReport": "bench",
     "export_model": "export",
 }

@@ -17,9 +17,10 @@ Why it is done this way:
   while it creates a session, so session creation is timed too: several creations per model and level,
   alternating, and the median is reported.
 
-Inputs are seeded random tensors built from the models' declared inputs; both models get the very same
-arrays. A symbolic first dimension is the batch (`batch`, default 1); any other symbolic dimension is
-:data:`OTHER_SYMBOLIC_DIM` unless `shapes` gives the input's full shape.
+Inputs are seeded random tensors built from the models' declared inputs by :mod:`bnfold.inputs`, as
+verify builds them; both models get the very same arrays. A free symbolic first dimension is the batch
+(`batch`, default 1); any other symbolic dimension is :data:`bnfold.inputs.OTHER_DIM` unless `shapes`
+gives the input's shape. Sessions come from :mod:`bnfold.runtime`.
 """
 
 from __future__ import annotations
@@ -30,36 +31,23 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from .errors import BnfoldError, first_line
+from .errors import BnfoldError
+from .inputs import generate_samples, input_specs, merge_specs, plan_shapes
 from .io import atomic_output, load_model
+from .runtime import (LEVELS, create_session, file_or_proto, ort_values, resolve_provider,
+                      serialized)
 
-LEVELS = {
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-OTHER_SYMBOLIC_DIM = 32  # large enough for the pooling of image models, small enough to stay quick
 DEFAULT_SECONDS = 3.0  # time budget per level when neither runs nor seconds is given
 MIN_PAIRS = 10  # a time budget never yields fewer pairs than this ...
 MAX_PAIRS = 5000  # ... nor more than this (tiny models would otherwise produce huge sample lists)
 BOOTSTRAP_RESAMPLES = 2000
 MIN_VERDICT_PAIRS = 5  # fewer pairs give an interval that means nothing: no verdict
 PLOT_HINT = "pip install 'bnfold[plot]'"
-
-_NUMPY_TYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-}
-
 
 @dataclass
 class BenchOptions:
@@ -81,27 +69,24 @@ class BenchOptions:
     plot: str | None = None
 
     def validate(self) -> None:
-        """Raise BnfoldError for settings that cannot give a measurement."""
+        """Raise BnfoldError for settings that cannot give a measurement (`option` names the setting)."""
         unknown = [lvl for lvl in self.levels if lvl not in LEVELS]
         if not self.levels or unknown:
             raise BnfoldError(f"unknown optimization level {', '.join(unknown) or '(none)'}",
-                              note=f"choose from {', '.join(LEVELS)}, comma-separated")
+                              note=f"choose from {', '.join(LEVELS)}, comma-separated", option="levels")
         if self.runs is not None and self.seconds is not None:
-            raise BnfoldError("give either --runs or --seconds, not both")
-        for name in ("threads", "batch", "creations"):
-            if getattr(self, name) < 1:
-                raise BnfoldError(f"--{name} must be at least 1")
+            raise BnfoldError("runs and seconds exclude each other: give one", option="seconds")
+        for name in ("threads", "batch", "creations", "runs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BnfoldError(f"must be at least 1, got {value}", option=name)
         if self.warmup < 0:
-            raise BnfoldError("--warmup must be 0 or more")
-        if self.runs is not None and self.runs < 1:
-            raise BnfoldError("--runs must be at least 1")
+            raise BnfoldError(f"must be 0 or more, got {self.warmup}", option="warmup")
         if self.seconds is not None and not self.seconds > 0:
-            raise BnfoldError("--seconds must be more than 0")
+            raise BnfoldError(f"must be more than 0, got {self.seconds:g}", option="seconds")
         if not 0 < self.confidence < 1:
-            raise BnfoldError("the confidence level must lie between 0 and 1")
-        if self.provider not in ort.get_available_providers():
-            raise BnfoldError(f"execution provider {self.provider} is not available",
-                              note=f"available: {', '.join(ort.get_available_providers())}")
+            raise BnfoldError("the confidence level must lie between 0 and 1", option="confidence")
+        resolve_provider(self.provider)
 
 
 @dataclass
@@ -144,7 +129,7 @@ class LevelResult:
             text = f"candidate {1 / self.speedup:.3f}x slower (speedup {self.speedup:.3f}x, {interval})"
         elif self.verdict == "too-few-runs":
             text = (f"speedup {self.speedup:.3f}x; too few runs for a verdict "
-                    f"(use --runs {MIN_VERDICT_PAIRS} or more)")
+                    f"({MIN_VERDICT_PAIRS} or more pairs needed)")
         else:
             text = f"no significant difference (speedup {self.speedup:.3f}x, {interval})"
         return f"{self.level}: {text}; session creation {_relative(self.creation_speedup)}"
@@ -167,6 +152,8 @@ class BenchReport:
     levels: list[LevelResult]
 
     def to_dict(self) -> dict:
+        import onnxruntime as ort
+
         opts = self.options
         return {
             "baseline": self.baseline,
@@ -193,33 +180,33 @@ def bench_models(baseline, candidate, options: BenchOptions | None = None, *,
                  progress: bool | None = None) -> BenchReport:
     """Time `baseline` and `candidate` (paths or ModelProtos) at each level, interleaved.
 
-    `session_factory(source, level, options)` returns an object with `get_inputs()` and
-    `run(None, feeds)` like an onnxruntime InferenceSession; tests inject one to check the order of runs.
+    `session_factory(source, level, options)` returns an object whose `run(feeds)` runs the model
+    (source: a path or serialized bytes); tests inject one to check the order of runs.
     `progress=None` shows a progress bar on stderr only when it is a terminal and the run is long.
     """
     options = options or BenchOptions()
     options.validate()
-    sources = (_model_source(baseline), _model_source(candidate))
+    options = replace(options, provider=resolve_provider(options.provider))
+    protos = (_load(baseline), _load(candidate))
+    feeds, inputs = make_feeds(*protos, options)
+    feeds = ort_values(feeds)  # converted once, outside the timed runs
     factory = session_factory or _ort_session
     ticker = _Ticker(len(options.levels), sys.stderr.isatty() if progress is None else progress)
-    feeds, inputs, results = None, {}, []
-    with ticker:
+    results = []
+    sources = [serialized(file_or_proto(given, proto)) for given, proto in zip((baseline, candidate), protos)]
+    del protos  # onnxruntime reads the file or the bytes
+    with sources[0] as first, sources[1] as second, ticker:
         for index, level in enumerate(options.levels):
-            sessions, creation = _create_sessions(factory, sources, level, options, clock)
-            if feeds is None:
-                feeds, inputs = make_feeds(sessions[0].get_inputs(), sessions[1].get_inputs(), options)
+            sessions, creation = _create_sessions(factory, (first, second), level, options, clock)
             latency = _time_pairs(sessions, feeds, options, clock, ticker.at_level(index, level))
             results.append(_compare(level, creation, latency, options))
     return BenchReport(_display_name(baseline, "baseline"), _display_name(candidate, "candidate"),
                        options, inputs, results)
 
 
-def _model_source(model) -> str | bytes:
-    """A path for onnxruntime (checked first for a clear error), or a ModelProto's serialized bytes."""
-    if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString()
-    load_model(model, check=False)  # one-line errors for missing, empty or non-model files
-    return str(model)
+def _load(model) -> onnx.ModelProto:
+    """The model's proto (its declared inputs make the feeds); one-line errors for bad files."""
+    return model if isinstance(model, onnx.ModelProto) else load_model(model, check=False)
 
 
 def _display_name(model, fallback: str) -> str:
@@ -228,17 +215,9 @@ def _display_name(model, fallback: str) -> str:
 
 def _ort_session(source, level: str, options: BenchOptions):
     """An onnxruntime session at `level` with the requested threads and provider, sequential execution."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = LEVELS[level]
-    so.intra_op_num_threads = options.threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    try:
-        return ort.InferenceSession(source, so, providers=[options.provider])
-    except Exception as exc:  # onnxruntime raises its own exception types, all with a message
-        where = source if isinstance(source, str) else "model"
-        raise BnfoldError(f"{where}: onnxruntime cannot create a session ({first_line(exc)})") from exc
+    label = source if isinstance(source, str) else "model"
+    return create_session(source, level=level, provider=options.provider, threads=options.threads,
+                          label=label)
 
 
 def _create_sessions(factory, sources, level, options, clock):
@@ -263,7 +242,7 @@ def _time_pairs(sessions, feeds, options: BenchOptions, clock, tick) -> tuple[li
     """Warm up, then time interleaved pairs until the run count or the time budget is reached."""
     for i in range(options.warmup):
         for side in _order(i):
-            sessions[side].run(None, feeds)
+            sessions[side].run(feeds)
     latency: tuple[list[float], list[float]] = ([], [])
     budget = None if options.runs is not None else (options.seconds or DEFAULT_SECONDS)
     start = clock()
@@ -271,7 +250,7 @@ def _time_pairs(sessions, feeds, options: BenchOptions, clock, tick) -> tuple[li
     while True:
         for side in _order(pair):
             t0 = clock()
-            sessions[side].run(None, feeds)
+            sessions[side].run(feeds)
             latency[side].append(clock() - t0)
         pair += 1
         elapsed = clock() - start
@@ -318,79 +297,17 @@ def bootstrap_speedup_ci(baseline, candidate, *, confidence: float = 0.95, seed:
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def make_feeds(baseline_inputs, candidate_inputs, options: BenchOptions):
+def make_feeds(baseline: onnx.ModelProto, candidate: onnx.ModelProto, options: BenchOptions):
     """Seeded arrays for the inputs both models declare; BnfoldError if the declarations disagree.
 
     Returns (feeds, description) where description maps each name to its shape and dtype.
     """
-    base = {i.name: i for i in baseline_inputs}
-    cand = {i.name: i for i in candidate_inputs}
-    if set(base) != set(cand):
-        raise BnfoldError(f"the models' inputs differ: baseline has {sorted(base)}, "
-                          f"candidate has {sorted(cand)}", note="bench compares two versions of one model")
-    unknown = sorted(set(options.shapes) - set(base))
-    if unknown:
-        raise BnfoldError(f"--shape names no input of the models: {', '.join(unknown)}",
-                          note=f"inputs: {', '.join(base)}")
-    rng = np.random.default_rng(options.seed)
-    feeds, description = {}, {}
-    for name, arg in base.items():
-        other = cand[name]
-        if arg.type != other.type:
-            raise BnfoldError(f"input {name}: baseline takes {arg.type}, candidate takes {other.type}")
-        dtype = _NUMPY_TYPES.get(arg.type)
-        if dtype is None:
-            raise BnfoldError(f"input {name}: type {arg.type} is not supported by bench",
-                              note="bench feeds numeric and boolean tensors")
-        shape = resolve_shape(name, arg.shape, other.shape, options)
-        feeds[name] = _random_array(rng, shape, dtype)
-        description[name] = {"shape": list(shape), "dtype": np.dtype(dtype).name}
-    return feeds, description
-
-
-def resolve_shape(name: str, dims_a, dims_b, options: BenchOptions) -> tuple[int, ...]:
-    """One concrete shape agreeing with both declarations, `--shape` and the symbolic-dim defaults."""
-    dims_a, dims_b = list(dims_a or []), list(dims_b or [])
-    if len(dims_a) != len(dims_b):
-        raise BnfoldError(f"input {name}: baseline has rank {len(dims_a)}, candidate rank {len(dims_b)}")
-    given = options.shapes.get(name)
-    if given is not None and len(given) != len(dims_a):
-        raise BnfoldError(f"--shape {name}: {len(given)} dimensions given, the input has {len(dims_a)}")
-    shape = []
-    for axis, (a, b) in enumerate(zip(dims_a, dims_b)):
-        fixed = {d for d in (a, b) if isinstance(d, int) and d > 0}
-        if len(fixed) > 1:
-            raise BnfoldError(f"input {name}: dimension {axis} is {a} in the baseline, {b} in the candidate")
-        if given is not None:
-            if fixed and given[axis] not in fixed:
-                raise BnfoldError(f"--shape {name}: dimension {axis} must be {fixed.pop()}")
-            shape.append(given[axis])
-        elif fixed:
-            shape.append(fixed.pop())
-        else:
-            shape.append(options.batch if axis == 0 else OTHER_SYMBOLIC_DIM)
-    return tuple(shape)
-
-
-def _random_array(rng: np.random.Generator, shape, dtype) -> np.ndarray:
-    """Standard-normal floats, small non-negative integers (safe as indices), random booleans."""
-    if dtype == np.bool_:
-        return rng.integers(0, 2, size=shape).astype(np.bool_)
-    if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 4, size=shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
-
-
-def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """`NAME=1x3x224x224` -> ("NAME", (1, 3, 224, 224)); BnfoldError otherwise."""
-    name, sep, dims = text.rpartition("=")
-    try:
-        shape = tuple(int(d) for d in dims.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if not sep or not name or not shape or min(shape) < 1:
-        raise BnfoldError(f"--shape {text}: expected NAME=1x3x224x224 with positive dimensions")
-    return name, shape
+    specs = merge_specs(input_specs(baseline), input_specs(candidate), roles=("baseline", "candidate"))
+    plan = plan_shapes(specs, options.shapes, batches=(options.batch,))
+    (sample,) = generate_samples(specs, plan, 1, options.seed)
+    description = {name: {"shape": list(array.shape), "dtype": str(array.dtype)}
+                   for name, array in sample.feeds.items()}
+    return dict(sample.feeds), description
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -462,7 +379,8 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise BnfoldError("--plot needs matplotlib, which is not installed", note=PLOT_HINT) from exc
+        raise BnfoldError("a latency plot needs matplotlib, which is not installed", note=PLOT_HINT,
+                          option="plot") from exc
 
 
 def write_plot(report: BenchReport, path: str | os.PathLike) -> None:
@@ -497,59 +415,7 @@ def _plot_level(ax, level: LevelResult, confidence: float) -> None:
     ax.legend(fontsize=8)
 
 
-# ----------------------------------------------------------------------------------------------- CLI
-def add_bench_arguments(parser, prefix: str = "") -> None:
-    """Add the measurement options to an argparse parser.
-
-    `prefix="bench-"` names them `--bench-runs`, `--bench-level`, ... so a command with options of its
-    own (`fold --bench`) can take them without clashes; :func:`options_from_args` reads them back.
-    """
-    d = BenchOptions()
-    opt = f"--{prefix}"
-    parser.add_argument(f"{opt}level", default=",".join(d.levels), metavar="LEVELS",
-                        help=f"comma-separated onnxruntime optimization levels out of "
-                             f"{', '.join(LEVELS)} (default: %(default)s)")
-    parser.add_argument(f"{opt}threads", type=int, default=d.threads, metavar="N",
-                        help="intra-op threads per session (default: %(default)s, for stable figures)")
-    parser.add_argument(f"{opt}batch", type=int, default=d.batch, metavar="N",
-                        help="size of a symbolic first dimension (default: %(default)s); other "
-                             f"symbolic dimensions are {OTHER_SYMBOLIC_DIM} unless --{prefix}shape says")
-    parser.add_argument(f"{opt}shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                        help="the full shape of one input (repeatable)")
-    parser.add_argument(f"{opt}provider", default=d.provider, metavar="P",
-                        help="onnxruntime execution provider (default: %(default)s)")
-    parser.add_argument(f"{opt}warmup", type=int, default=d.warmup, metavar="N",
-                        help="untimed pairs of runs first (default: %(default)s)")
-    amount = parser.add_mutually_exclusive_group()
-    amount.add_argument(f"{opt}runs", type=int, metavar="N", help="timed pairs of runs per level")
-    amount.add_argument(f"{opt}seconds", type=float, metavar="S",
-                        help=f"time budget per level (default: {DEFAULT_SECONDS:g} s, at least "
-                             f"{MIN_PAIRS} and at most {MAX_PAIRS} pairs)")
-    parser.add_argument(f"{opt}creations", type=int, default=d.creations, metavar="N",
-                        help="session creations timed per model and level (default: %(default)s)")
-    parser.add_argument(f"{opt}seed", type=int, default=d.seed, metavar="S",
-                        help="seed of the inputs and of the bootstrap (default: %(default)s)")
-    parser.add_argument(f"{opt}plot", metavar="FILE.png",
-                        help=f"write latency histograms per level (needs matplotlib: {PLOT_HINT})")
-
-
-def options_from_args(args, prefix: str = "") -> BenchOptions:
-    """The BenchOptions that :func:`add_bench_arguments` (same prefix) parsed; validated."""
-    key = prefix.replace("-", "_")
-
-    def get(name):
-        return getattr(args, key + name)
-
-    options = BenchOptions(
-        levels=tuple(part.strip() for part in get("level").split(",") if part.strip()),
-        threads=get("threads"), batch=get("batch"),
-        shapes=dict(parse_shape(text) for text in get("shape")),
-        provider=get("provider"), warmup=get("warmup"), runs=get("runs"), seconds=get("seconds"),
-        creations=get("creations"), seed=get("seed"), plot=get("plot"))
-    options.validate()
-    return options
-
-
+# ------------------------------------------------------------------------------------------ command
 def run_bench(baseline, candidate, options: BenchOptions, *, as_json: bool = False, file=None) -> BenchReport:
     """What `bnfold bench` does: measure, write the plot if asked, print the table or one JSON document."""
     if options.plot:

@@ -9,9 +9,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_options import (add_bench_arguments, add_verify_arguments, bench_options_from_args,
+                          shape_defaults_hint, verify_options_from_args, with_flag)
 from .errors import EXIT_OK, BnfoldError
+from .inputs import parse_dims
 
 EXIT_INTERNAL = 3
+BENCH_PREFIX = "bench-"  # fold --bench takes bench's flags as --bench-runs, --bench-level, ...
+
+
+def _print_notes(notes) -> None:
+    for note in notes:
+        print(f"bnfold: note: {shape_defaults_hint(note)}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- fold
@@ -37,21 +46,18 @@ def _add_fold_parser(sub) -> None:
     checks.add_argument("--verify", action="store_true",
                         help="compare the folded model with the original in onnxruntime before writing; "
                              "on a mismatch write nothing and exit 1")
-    from .verify import add_verify_arguments
     add_verify_arguments(checks)
     speed = p.add_argument_group("speed (the flags of `bnfold bench`, prefixed with --bench-)")
     speed.add_argument("--bench", action="store_true",
                        help="after writing, measure original vs folded in onnxruntime (bnfold bench)")
-    from .bench import add_bench_arguments
-    add_bench_arguments(speed, prefix="bench-")
+    add_bench_arguments(speed, prefix=BENCH_PREFIX)
     p.set_defaults(func=cmd_fold)
 
 
 def cmd_fold(args) -> int:
     from .fold import VerificationFailed
     from .foldcmd import FoldJob, run_fold_jobs
-    from .verify import options_from_args
-    verify = options_from_args(args) if args.verify else None
+    verify = verify_options_from_args(args) if args.verify else None
     if args.bench and args.dry_run:
         raise BnfoldError("--bench measures the written model", note="drop --dry-run")
     jobs = [FoldJob(path, _fold_target(args, path), tuple(args.exclude_node), args.dry_run, args.external_data,
@@ -60,28 +66,30 @@ def cmd_fold(args) -> int:
     reports = [o.report if isinstance(o, VerificationFailed) else o for o in outcomes
                if not isinstance(o, BnfoldError) or isinstance(o, VerificationFailed)]
     for report in reports:
-        for note in getattr(report.verification, "notes", ()):
-            print(f"bnfold: note: {note}", file=sys.stderr)
+        _print_notes(getattr(report.verification, "notes", ()))
     if args.bench:
         _bench_folded(args, [(job, o) for job, o in zip(jobs, outcomes) if not isinstance(o, BnfoldError)])
     if reports:
         _emit_fold_reports(args, reports)
     errors = [o for o in outcomes if isinstance(o, BnfoldError)]
     for error in errors:
-        print(f"bnfold: error: {error.one_line()}", file=sys.stderr)
+        print(f"bnfold: error: {with_flag(error).one_line()}", file=sys.stderr)
     return max((e.exit_code for e in errors), default=EXIT_OK)
 
 
 def _bench_folded(args, folded) -> None:
     """`fold --bench`: measure each written model against its input; the result joins the report."""
-    from .bench import bench_models, options_from_args, require_matplotlib, write_plot
-    options = options_from_args(args, prefix="bench-")
-    if options.plot:
-        require_matplotlib()
-    for job, report in folded:
-        report.bench = bench_models(job.source, job.target, options)
+    from .bench import bench_models, require_matplotlib, write_plot
+    try:
+        options = bench_options_from_args(args, prefix=BENCH_PREFIX)
         if options.plot:
-            write_plot(report.bench, options.plot)
+            require_matplotlib()
+        for job, report in folded:
+            report.bench = bench_models(job.source, job.target, options)
+            if options.plot:
+                write_plot(report.bench, options.plot)
+    except BnfoldError as error:
+        raise with_flag(error, prefix=BENCH_PREFIX) from error
 
 
 def _fold_target(args, path: str) -> str | None:
@@ -123,7 +131,7 @@ def _emit_fold_reports(args, reports) -> None:
                       highlight=False, soft_wrap=True)
         console.print(summary_table(report))
         if report.verification is not None:
-            from .verify import print_report
+            from .verify_render import print_report
             print_report(report.verification, file=sys.stdout)
         if report.bench is not None:
             from .bench import render_table
@@ -134,7 +142,8 @@ def _emit_fold_reports(args, reports) -> None:
 def _add_inspect_parser(sub) -> None:
     p = sub.add_parser("inspect", help="show each BatchNormalization and what fold would do with it",
                        description="List every BatchNormalization node, its neighbour, and the decision "
-                                   "fold would make with its reason. Writes nothing.")
+                                   "fold would make with its reason, then what every pass of the pipeline "
+                                   "would do. Writes nothing.")
     p.add_argument("input", metavar="INPUT")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME")
@@ -144,7 +153,7 @@ def _add_inspect_parser(sub) -> None:
 def cmd_inspect(args) -> int:
     import json
     from .fold import fold_file
-    from .report import decisions_table, summary_table
+    from .report import decisions_table, passes_table, summary_table
     report = fold_file(args.input, None, exclude_nodes=args.exclude_node, dry_run=True)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -153,6 +162,7 @@ def cmd_inspect(args) -> int:
     console.print(f"{args.input}: {report.total} BatchNormalization, {report.folded} foldable",
                   highlight=False, soft_wrap=True)
     console.print(decisions_table(report))
+    console.print(passes_table(report))
     console.print(summary_table(report))
     return EXIT_OK
 
@@ -164,8 +174,6 @@ def _console():
 
 # -------------------------------------------------------------------------------------------- verify
 def _add_verify_parser(sub) -> None:
-    from .verify import add_verify_arguments
-
     p = sub.add_parser(
         "verify", help="compare two models output by output with onnxruntime",
         usage="bnfold verify REFERENCE CANDIDATE [options]\n"
@@ -188,20 +196,20 @@ def cmd_verify(args) -> int:
     import json
 
     from .errors import EXIT_CHECK_FAILED, EXIT_OK
-    from .verify import options_from_args, print_report, verify_against_reference, verify_models
+    from .verify import verify_against_reference, verify_models
+    from .verify_render import print_report
 
     wanted = 1 if args.against_reference else 2
     if len(args.models) != wanted:
         raise BnfoldError(f"verify takes {'one MODEL' if wanted == 1 else 'REFERENCE and CANDIDATE'}"
                           f"{' with --against-reference' if wanted == 1 else ''}, got "
                           f"{len(args.models)} model(s)")
-    options = options_from_args(args)
+    options = verify_options_from_args(args)
     if args.against_reference:
         report = verify_against_reference(args.against_reference, args.models[0], options)
     else:
         report = verify_models(args.models[0], args.models[1], options)
-    for note in report.notes:
-        print(f"bnfold: note: {note}", file=sys.stderr)
+    _print_notes(report.notes)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
@@ -211,7 +219,6 @@ def cmd_verify(args) -> int:
 
 # --------------------------------------------------------------------------------------------- bench
 def _add_bench_parser(sub) -> None:
-    from .bench import add_bench_arguments
     p = sub.add_parser("bench", help="measure session creation and latency of two models, A/B interleaved",
                        description="Time session creation and inference of BASELINE and CANDIDATE with "
                                    "onnxruntime at each optimization level, in interleaved pairs, on the "
@@ -225,16 +232,15 @@ def _add_bench_parser(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .bench import options_from_args, run_bench
-    from .errors import EXIT_OK
-    run_bench(args.baseline, args.candidate, options_from_args(args), as_json=args.json)
+    from .bench import run_bench
+    run_bench(args.baseline, args.candidate, bench_options_from_args(args), as_json=args.json)
     return EXIT_OK
 
 
 # -------------------------------------------------------------------------------------------- export
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="export a torch model to ONNX with every BatchNorm kept",
-                       description="Export a sample architecture (see sample_models/) or your own factory "
+                       description="Export a sample architecture (bnfold.zoo) or your own factory "
                                    "to ONNX with torch's BatchNorm fusions off, then check that every "
                                    "BatchNorm called in forward is a BatchNormalization node. Needs torch: "
                                    "pip install 'bnfold[torch]'.")
@@ -256,9 +262,9 @@ def _add_export_parser(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export import export_model, parse_shape
+    from .export import export_model
 
-    shapes = [parse_shape(text) for text in args.input_shape] if args.input_shape else None
+    shapes = [parse_dims(text, option="input_shapes") for text in args.input_shape or ()] or None
     result = export_model(args.model, args.output, input_shapes=shapes, opset=args.opset,
                           dynamic_batch=args.dynamic_batch, exporter=args.exporter,
                           randomize_bn=args.randomize_bn, seed=args.seed, reference=args.reference)
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except BnfoldError as exc:
         if args.debug:
             raise
-        print(f"bnfold: error: {exc.one_line()}", file=sys.stderr)
+        print(f"bnfold: error: {with_flag(exc).one_line()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("bnfold: interrupted", file=sys.stderr)

@@ -27,11 +27,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import importlib.util
 import io
 import logging
 import os
-import re
 import sys
 import warnings
 import zipfile
@@ -42,15 +40,16 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from .errors import EXIT_CHECK_FAILED, BnfoldError
-from .io import atomic_output, check_model, save_model
+from .batchnorm import is_inference_mode
+from .errors import EXIT_CHECK_FAILED, BnfoldError, first_line
+from .graph import all_graphs
+from .io import atomic_output, check_model, check_output_path, save_model
+from .runtime import create_session
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_EXPORTER = "dynamo"
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset; lower ones go through a version converter
 _INSTALL_NOTE = "install the extra: pip install 'bnfold[torch]'"
-_SAMPLES_DIR = Path(__file__).resolve().parent.parent / "sample_models"
-_SHAPE = re.compile(r"^[1-9][0-9]*(x[1-9][0-9]*)*$")
 _STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
@@ -94,7 +93,7 @@ def export_model(model: str | Callable, out_path: str | os.PathLike, *,
     reference = Path(reference) if reference is not None else None
     for target in (out_path, reference):
         if target is not None:
-            _check_target(target)
+            check_output_path(target)  # fail before the (slow) export
     module, inputs = _prepare(torch, model, input_shapes, randomize_bn, seed)
     input_names = _names("input", len(inputs))
     bn_calls, outputs = _count_batchnorm_calls(torch, module, inputs)
@@ -110,16 +109,8 @@ def export_model(model: str | Callable, out_path: str | os.PathLike, *,
 
 
 def sample_names() -> list[str]:
-    """The names of the sample architectures, in registry order."""
-    return list(_samples().SAMPLES)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``1x3x224x224`` -> (1, 3, 224, 224); every dimension a positive integer."""
-    compact = text.strip().lower()
-    if not _SHAPE.match(compact):
-        raise BnfoldError(f"bad input shape {text!r}", note="write positive sizes joined by 'x', e.g. 1x3x224x224")
-    return tuple(int(part) for part in compact.split("x"))
+    """The names of the sample architectures (bnfold.zoo, which needs torch), in registry order."""
+    return list(_samples())
 
 
 def randomize_batchnorm(module, seed: int) -> None:
@@ -159,11 +150,17 @@ def count_batchnorm_nodes(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "BatchNormalization" for n in _all_nodes(model.graph))
 
 
+def _all_nodes(graph: onnx.GraphProto):
+    """Every node of a graph and of the graphs nested in it."""
+    return (node for sub in all_graphs(graph) for node in sub.node)
+
+
 # ------------------------------------------------------------------------------- arguments and model
 def _import_torch(exporter: str):
     """torch (and onnxscript for dynamo), or a one-line error saying how to install them."""
     if exporter not in EXPORTERS:
-        raise BnfoldError(f"unknown exporter {exporter!r}", note=f"choose one of {', '.join(EXPORTERS)}")
+        raise BnfoldError(f"unknown exporter {exporter!r}", note=f"choose one of {', '.join(EXPORTERS)}",
+                          option="exporter")
     try:
         import torch
         if exporter == "dynamo":
@@ -184,36 +181,14 @@ def _check_opset(torch, exporter: str, opset: int) -> None:
         low, high = 7, newest
     if not low <= opset <= high:
         raise BnfoldError(f"the {exporter} exporter of torch {torch.__version__} cannot write opset {opset}",
-                          note=f"choose an --opset from {low} to {high}")
+                          note=f"choose an opset from {low} to {high}", option="opset")
 
 
-def _check_target(path: Path) -> None:
-    """Fail before the (slow) export if an output cannot be written."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise BnfoldError(f"{path}: output folder {folder} does not exist")
-    if path.is_dir():
-        raise BnfoldError(f"{path}: is a directory")
+def _samples() -> dict:
+    """The sample architectures by name (bnfold.zoo imports torch: only export needs them)."""
+    from .zoo import SAMPLES
 
-
-def _samples():
-    """The sample_models package of this checkout, imported from its folder next to bnfold/."""
-    if "sample_models" in sys.modules:
-        return sys.modules["sample_models"]
-    init = _SAMPLES_DIR / "__init__.py"
-    if not init.is_file():
-        raise BnfoldError("the sample models are not installed (they ship with a source checkout of bnfold)",
-                          note="export your own model as module:callable")
-    spec = importlib.util.spec_from_file_location("sample_models", init,
-                                                  submodule_search_locations=[str(_SAMPLES_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sample_models"] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules["sample_models"]
-        raise
-    return module
+    return SAMPLES
 
 
 def _resolve(model) -> tuple[Callable, tuple[tuple[int, ...], ...] | None]:
@@ -224,7 +199,7 @@ def _resolve(model) -> tuple[Callable, tuple[tuple[int, ...], ...] | None]:
         raise BnfoldError(f"cannot export {model!r}: give a sample name, module:callable, or a factory")
     if ":" in model:
         return _load_callable(model), None
-    samples = _samples().SAMPLES
+    samples = _samples()
     if model not in samples:
         raise BnfoldError(f"unknown sample model {model!r}",
                           note=f"choose one of {', '.join(samples)}, or give module:callable")
@@ -278,10 +253,12 @@ def _prepare(torch, model, input_shapes, randomize_bn: bool, seed: int):
 
 def _check_shapes(shapes, model) -> list[tuple[int, ...]]:
     if not shapes:
-        raise BnfoldError(f"{_label(model)} has no default input shape", note="give --input-shape, e.g. 1x3x224x224")
+        raise BnfoldError(f"{_label(model)} has no default input shape", note="give one, e.g. 1x3x224x224",
+                          option="input_shapes")
     result = [tuple(int(d) for d in shape) for shape in shapes]
     if any(not shape or min(shape) < 1 for shape in result):
-        raise BnfoldError(f"bad input shapes {result}", note="every dimension must be a positive integer")
+        raise BnfoldError(f"bad input shapes {result}", note="every dimension must be a positive integer",
+                          option="input_shapes")
     return result
 
 
@@ -322,7 +299,7 @@ def _count_batchnorm_calls(torch, module, inputs) -> tuple[int, list]:
     except Exception as exc:
         raise BnfoldError(f"the model's forward pass failed on inputs of shapes "
                           f"{[tuple(x.shape) for x in inputs]} ({type(exc).__name__}: {exc})",
-                          note="check --input-shape") from exc
+                          note="check the input shapes", option="input_shapes") from exc
     return counter.calls, _flat_outputs(torch, outputs)
 
 
@@ -358,9 +335,8 @@ def _export(torch, module, inputs, input_names, output_names, opset, exporter, d
         except BnfoldError:
             raise
         except Exception as exc:
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise BnfoldError(f"the {exporter} exporter failed: {first.strip()}",
-                              note="try the other --exporter, or rerun with --debug") from exc
+            raise BnfoldError(f"the {exporter} exporter failed: {first_line(exc)}",
+                              note="try the other exporter", option="exporter") from exc
 
 
 def _export_torchscript(torch, module, inputs, input_names, output_names, opset, dynamic_batch):
@@ -422,7 +398,8 @@ def _check_export(proto, opset: int, exporter: str, bn_calls: int, inputs, outpu
     written = _default_opset(proto)
     if written != opset:  # the dynamo exporter silently keeps opset 18 when its converter fails
         raise BnfoldError(f"the {exporter} exporter of torch {torch.__version__} cannot write opset {opset} "
-                          f"(it wrote opset {written})", note="choose another --opset, or the other --exporter")
+                          f"(it wrote opset {written})", note="choose another opset, or the other exporter",
+                          option="opset")
     bn_nodes = _check_batchnorms(proto, bn_calls, exporter)
     check_model(proto)
     _check_runs(proto, inputs, outputs, input_names, exporter)
@@ -432,11 +409,11 @@ def _check_export(proto, opset: int, exporter: str, bn_calls: int, inputs, outpu
 def _check_batchnorms(proto: onnx.ModelProto, bn_calls: int, exporter: str) -> int:
     """Count inference BatchNormalization nodes; fail if the exporter dropped (folded) any."""
     nodes = [n for n in _all_nodes(proto.graph) if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
-    inference = sum(_is_inference(n, _default_opset(proto)) for n in nodes)
+    inference = sum(is_inference_mode(n, _default_opset(proto)) for n in nodes)
     if inference < bn_calls:
         raise BnfoldError(f"the {exporter} exporter kept {inference} of {bn_calls} BatchNorms "
                           f"(it folded or removed {bn_calls - inference})",
-                          note="try the other --exporter; bnfold wants every BatchNorm in the graph",
+                          note="try the other exporter; bnfold wants every BatchNorm in the graph",
                           exit_code=EXIT_CHECK_FAILED)
     return inference
 
@@ -447,44 +424,18 @@ def _check_runs(proto: onnx.ModelProto, inputs, outputs, input_names, exporter: 
     The bound (1e-3 of the output's magnitude) is far above float32 rounding, which is ~1e-7 of it
     on the samples, and far below the error of a wrong graph; it is a sanity check, not `verify`.
     """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
+    feeds = {name: x.numpy() for name, x in zip(input_names, inputs)}
     try:
-        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        got = session.run(None, {name: x.numpy() for name, x in zip(input_names, inputs)})
-    except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise BnfoldError(f"the {exporter} exporter wrote a model that onnxruntime cannot run: {first.strip()}",
-                          note="try the other --exporter", exit_code=EXIT_CHECK_FAILED) from exc
+        session = create_session(proto, label="export", log_severity=4)
+        got = list(session.run(feeds).values())
+    except BnfoldError as exc:
+        raise BnfoldError(f"the {exporter} exporter wrote a model that onnxruntime cannot run: "
+                          f"{first_line(exc.__cause__ or exc)}", note="try the other exporter",
+                          exit_code=EXIT_CHECK_FAILED) from exc
     for index, (expected, actual) in enumerate(zip(outputs, got)):
         expected = expected.numpy()
         error = float(np.max(np.abs(actual - expected), initial=0.0))
         if actual.shape != expected.shape or not error <= 1e-3 * (1.0 + float(np.max(np.abs(expected), initial=0.0))):
             raise BnfoldError(f"the {exporter} exporter wrote a model whose output {index} differs from torch's "
                               f"(shape {actual.shape} vs {expected.shape}, max abs error {error:.3g})",
-                              note="try the other --exporter", exit_code=EXIT_CHECK_FAILED)
-
-
-def _is_inference(node: onnx.NodeProto, opset: int) -> bool:
-    """True if the node normalizes with its running statistics (what a fold needs)."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("training_mode", 0) != 0:
-        return False
-    if opset < 7 and attrs.get("is_test", 0) == 0:
-        return False
-    return sum(1 for name in node.output if name) == 1
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    """Every node of a graph and of the subgraphs in its attributes, depth first."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
+                              note="try the other exporter", exit_code=EXIT_CHECK_FAILED)

@@ -29,7 +29,7 @@ def run_fold_jobs(jobs: list[FoldJob], workers: int) -> list[FoldReport | Bnfold
     """Fold every job, in `workers` processes; a job's BnfoldError is returned in its place, so one
     bad file does not stop the others (each write is atomic)."""
     if workers < 1:
-        raise BnfoldError(f"--jobs must be at least 1, not {workers}")
+        raise BnfoldError(f"must be at least 1, not {workers}", option="jobs")
     if workers == 1 or len(jobs) == 1:
         return [_attempt(job) for job in jobs]
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:

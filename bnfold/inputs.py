@@ -1,12 +1,18 @@
-"""The inputs `verify` feeds to both models: declared, checked, then generated or loaded.
+"""The inputs verify and bench feed to two models: declared, checked, then generated or loaded.
 
 Both models must declare the same inputs (names, element types, ranks); a difference is a user error,
-because no single feed could then be valid for both. Feeds are either generated from a seed (floats from
-a standard normal, integers uniform in [0, INT_HIGH), bools fair coins) or loaded from .npz files.
+because no single feed could then be valid for both. Feeds are either generated from a seed (floats,
+bfloat16 included, from a standard normal; integers uniform in [0, INT_HIGH); bools fair coins) or
+loaded from .npz files.
 
-Symbolic dimensions get their values from `--shape`, else by a documented default: a symbolic dim 0 is
-the batch and is tried at every value of BATCHES (a correct fold is batch-independent; a fold that baked
-in batch statistics only shows at a batch other than 1); any other symbolic dim is OTHER_DIM.
+Shape text (one grammar for verify's and bench's shapes and export's input shapes): DIMS is positive
+integers joined by ``x`` or ``X`` (``1x3x224x224``), surrounding spaces ignored; a shape is
+``NAME=DIMS``, where NAME may itself contain ``=`` and ``NAME=`` (empty DIMS) is a scalar.
+
+Symbolic dimensions get their values from the given shapes, else by a documented default: a symbolic
+dim 0 is the batch and is tried at every value of ``batches`` (verify: BATCHES, since a correct fold is
+batch-independent and a fold that baked in batch statistics only shows at a batch other than 1; bench:
+its one `batch`); any other symbolic dim is OTHER_DIM.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import onnx
 from .errors import BnfoldError
 
 BATCHES = (1, 2)  # values tried for a free symbolic dim 0
-OTHER_DIM = 32  # value of any other free symbolic dim
+OTHER_DIM = 32  # value of any other free symbolic dim: enough for the pooling of image models, quick
+DEFAULTS_NOTE = "symbolic dims set to defaults: "  # how ShapePlan.note begins
 INT_HIGH = 8  # generated integers are uniform in [0, INT_HIGH): small, non-negative, valid as indices
 INPUT_KEY = "input:"  # .npz key prefixes written by `bnfold export --reference`
 OUTPUT_KEY = "output:"
@@ -49,7 +56,7 @@ class Sample:
 
     label: str
     feeds: Mapping[str, np.ndarray]
-    expected: Mapping[str, np.ndarray] | None = None  # saved outputs, for --against-reference
+    expected: Mapping[str, np.ndarray] | None = None  # saved outputs, for verify_against_reference
 
 
 def dtype_name(elem_type: int) -> str:
@@ -67,7 +74,7 @@ def _spec(value_info: onnx.ValueInfoProto) -> InputSpec:
     kind = value_info.type.WhichOneof("value")
     if kind != "tensor_type":
         raise BnfoldError(f"input {value_info.name!r} is a {kind or 'untyped value'}, not a tensor",
-                          note="verify feeds tensors only")
+                          note="only tensors can be fed")
     tensor = value_info.type.tensor_type
     dims = None
     if tensor.HasField("shape"):
@@ -81,35 +88,38 @@ def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
     return dim.dim_param or None
 
 
-def merge_specs(reference: list[InputSpec], candidate: list[InputSpec]) -> list[InputSpec]:
-    """The inputs both models accept, in the reference's order; raise if they declare them differently.
+def merge_specs(reference: list[InputSpec], candidate: list[InputSpec],
+                roles: tuple[str, str] = ("reference", "candidate")) -> list[InputSpec]:
+    """The inputs both models accept, in the first one's order; raise if they declare them differently.
 
-    Where one model fixes a dim that the other leaves symbolic, the fixed size wins.
+    Where one model fixes a dim that the other leaves symbolic, the fixed size wins. `roles` name the
+    two models in messages.
     """
     ref_names, cand_names = [s.name for s in reference], {s.name for s in candidate}
     if set(ref_names) != cand_names:
         raise BnfoldError(
-            f"the models declare different inputs: reference {_names(ref_names)}, "
-            f"candidate {_names(s.name for s in candidate)}",
-            note="verify compares two models that take the same inputs")
+            f"the models declare different inputs: {roles[0]} {_names(ref_names)}, "
+            f"{roles[1]} {_names(s.name for s in candidate)}",
+            note="two models that take the same inputs can be compared")
     by_name = {s.name: s for s in candidate}
-    return [_merge_one(spec, by_name[spec.name]) for spec in reference]
+    return [_merge_one(spec, by_name[spec.name], roles) for spec in reference]
 
 
-def _merge_one(ref: InputSpec, cand: InputSpec) -> InputSpec:
+def _merge_one(ref: InputSpec, cand: InputSpec, roles: tuple[str, str]) -> InputSpec:
+    first, second = roles
     if ref.elem_type != cand.elem_type:
-        raise BnfoldError(f"input {ref.name!r} is {ref.dtype_name} in the reference but "
-                          f"{cand.dtype_name} in the candidate")
+        raise BnfoldError(f"input {ref.name!r} is {ref.dtype_name} in the {first} but "
+                          f"{cand.dtype_name} in the {second}")
     if ref.dims is None or cand.dims is None:
         return ref if cand.dims is None else cand
     if len(ref.dims) != len(cand.dims):
-        raise BnfoldError(f"input {ref.name!r} has rank {len(ref.dims)} in the reference but "
-                          f"rank {len(cand.dims)} in the candidate")
+        raise BnfoldError(f"input {ref.name!r} has rank {len(ref.dims)} in the {first} but "
+                          f"rank {len(cand.dims)} in the {second}")
     merged = []
     for axis, (a, b) in enumerate(zip(ref.dims, cand.dims)):
         if isinstance(a, int) and isinstance(b, int) and a != b:
-            raise BnfoldError(f"input {ref.name!r} dim {axis} is {a} in the reference but {b} in "
-                              "the candidate")
+            raise BnfoldError(f"input {ref.name!r} dim {axis} is {a} in the {first} but {b} in "
+                              f"the {second}")
         merged.append(_merge_dim(a, b))
     return InputSpec(ref.name, ref.elem_type, tuple(merged))
 
@@ -128,37 +138,55 @@ def _names(names) -> str:
 
 
 # ------------------------------------------------------------------------------------------- shapes
+_DIMS = re.compile(r"[0-9]+(?:[xX][0-9]+)*")
+SHAPE_EXAMPLE = "input=1x3x224x224"
+
+
+def parse_dims(text: str, option: str | None = None) -> tuple[int, ...]:
+    """``1x3x224x224`` (or ``1X3X224X224``) -> (1, 3, 224, 224); every dim a positive integer.
+
+    `option` is the parameter the text came from, for the error.
+    """
+    compact = text.strip()
+    if not _DIMS.fullmatch(compact):
+        raise BnfoldError(f"bad shape {text!r}: dims must be positive integers joined by 'x'",
+                          note="for example 1x3x224x224", option=option)
+    shape = tuple(int(d) for d in compact.lower().split("x"))
+    if 0 in shape:
+        raise BnfoldError(f"bad shape {text!r}: a dim of 0 makes an empty tensor", option=option)
+    return shape
+
+
 def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
-    """`NAME=1x3x224x224` -> ("NAME", (1, 3, 224, 224)); `NAME=` is a scalar. Names may contain '='."""
+    """``NAME=1x3x224x224`` -> ("NAME", (1, 3, 224, 224)); ``NAME=`` is a scalar. Names may contain '='."""
     name, sep, dims = text.rpartition("=")
     if not sep or not name:
-        raise BnfoldError(f"--shape {text!r}: expected NAME=DIMS",
-                          note="for example --shape input=1x3x224x224")
-    if dims == "":
+        raise BnfoldError(f"expected NAME=DIMS, got {text!r}", note=f"for example {SHAPE_EXAMPLE}",
+                          option="shapes")
+    if not dims.strip():
         return name, ()
-    if not re.fullmatch(r"\d+(x\d+)*", dims):
-        raise BnfoldError(f"--shape {text!r}: dims must be positive integers joined by 'x'",
-                          note="for example --shape input=1x3x224x224")
-    shape = tuple(int(d) for d in dims.split("x"))
-    if 0 in shape:
-        raise BnfoldError(f"--shape {text!r}: a dim of 0 makes an empty tensor, nothing to compare")
-    return name, shape
+    try:
+        return name, parse_dims(dims)
+    except BnfoldError as exc:
+        raise BnfoldError(f"{name}={dims}: {exc.message}", note=f"for example {SHAPE_EXAMPLE}",
+                          option="shapes") from None
 
 
-def _check_shape(spec: InputSpec, shape: tuple[int, ...], source: str) -> None:
+def _check_shape(spec: InputSpec, shape: tuple[int, ...], source: str, option: str | None = None) -> None:
     """Raise unless `shape` is one the model declares valid for `spec` (same rank, same fixed dims)."""
     if spec.dims is None:
         return
     if len(shape) != len(spec.dims):
-        raise BnfoldError(f"{source}: input {spec.name!r} has rank {len(spec.dims)} "
-                          f"({_show_dims(spec.dims)}), got shape {_show(shape)}")
+        raise BnfoldError(f"{source}input {spec.name!r} has rank {len(spec.dims)} "
+                          f"({_show_dims(spec.dims)}), got shape {show_shape(shape)}", option=option)
     for axis, (want, got) in enumerate(zip(spec.dims, shape)):
         if isinstance(want, int) and want != got:
-            raise BnfoldError(f"{source}: input {spec.name!r} dim {axis} is fixed at {want}, "
-                              f"got shape {_show(shape)}")
+            raise BnfoldError(f"{source}input {spec.name!r} dim {axis} is fixed at {want}, "
+                              f"got shape {show_shape(shape)}", option=option)
 
 
-def _show(shape) -> str:
+def show_shape(shape) -> str:
+    """(1, 3, 8) -> ``1x3x8``; () -> ``scalar``."""
     return "x".join(str(d) for d in shape) or "scalar"
 
 
@@ -175,43 +203,45 @@ class ShapePlan:
     note: str | None  # one line saying which defaults were chosen, or None if none were
 
 
-def plan_shapes(specs: list[InputSpec], user: Mapping[str, tuple[int, ...]]) -> ShapePlan:
-    """Resolve every dim: `--shape` first (it also binds named dims elsewhere), then the defaults."""
+def plan_shapes(specs: list[InputSpec], user: Mapping[str, tuple[int, ...]],
+                batches: tuple[int, ...] = BATCHES) -> ShapePlan:
+    """Resolve every dim: the given shapes first (they also bind named dims elsewhere), then the
+    defaults; a free symbolic dim 0 takes each value of `batches` in turn."""
     known = {s.name for s in specs}
     for name in user:
         if name not in known:
-            raise BnfoldError(f"--shape {name}=...: the models have no input {name!r}",
-                              note=f"inputs: {', '.join(sorted(known))}")
+            raise BnfoldError(f"{name}=...: the models have no input {name!r}",
+                              note=f"inputs: {', '.join(sorted(known))}", option="shapes")
     bound: dict[str, int] = {}
     for spec in specs:
         if spec.name in user:
-            _check_shape(spec, user[spec.name], "--shape")
+            _check_shape(spec, user[spec.name], "", option="shapes")
             for want, got in zip(spec.dims or (), user[spec.name]):
                 if isinstance(want, str):
                     bound.setdefault(want, got)
     free = [s.dims[0] for s in specs if s.name not in user and s.dims and _is_free(s.dims[0], bound)]
     batch_names = {dim for dim in free if dim is not None}  # such a dim is the batch wherever it is
-    batches = BATCHES if free else (None,)
+    tried = tuple(batches) if free else (None,)
     chosen: dict[str, str] = {}
-    shapes = [{s.name: _resolve(s, user, bound, batch_names, batch, chosen) for s in specs}
-              for batch in batches]
+    shapes = [{s.name: _resolve(s, user, bound, batch_names, batch, batches, chosen) for s in specs}
+              for batch in tried]
     note = None
     if chosen:
-        note = ("symbolic dims set to defaults: " + ", ".join(f"{k} = {v}" for k, v in chosen.items())
-                + "; set them with --shape NAME=DxDx...")
-    return ShapePlan(shapes, batches, note)
+        note = DEFAULTS_NOTE + ", ".join(f"{k} = {v}" for k, v in chosen.items())
+    return ShapePlan(shapes, tried, note)
 
 
 def _is_free(dim: Dim, bound) -> bool:
     return dim is None or (isinstance(dim, str) and dim not in bound)
 
 
-def _resolve(spec: InputSpec, user, bound, batch_names, batch, chosen) -> tuple[int, ...]:
+def _resolve(spec: InputSpec, user, bound, batch_names, batch, batches, chosen) -> tuple[int, ...]:
     if spec.name in user:
         return user[spec.name]
     if spec.dims is None:
         raise BnfoldError(f"input {spec.name!r} declares no shape",
-                          note=f"give it one with --shape {spec.name}=DxDx... or use --inputs")
+                          note=f"give its shape as {spec.name}=DxDx..., or its values in .npz files",
+                          option="shapes")
     shape = []
     for axis, dim in enumerate(spec.dims):
         if isinstance(dim, int):
@@ -220,7 +250,7 @@ def _resolve(spec: InputSpec, user, bound, batch_names, batch, chosen) -> tuple[
             shape.append(bound[dim])
         elif dim in batch_names or (axis == 0 and dim is None):
             shape.append(batch)
-            chosen[f"{dim or spec.name + '[0]'} (batch)"] = " and ".join(map(str, BATCHES))
+            chosen[f"{dim or spec.name + '[0]'} (batch)"] = " and ".join(map(str, batches))
         else:
             shape.append(OTHER_DIM)
             chosen[dim or f"{spec.name}[{axis}]"] = str(OTHER_DIM)
@@ -248,8 +278,8 @@ def _random(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -
         return rng.integers(0, INT_HIGH, size=shape).astype(dtype)
     if _is_float(dtype):
         return rng.standard_normal(size=shape).astype(dtype)
-    raise BnfoldError(f"input {spec.name!r} is {dtype}: verify cannot generate values of that type",
-                      note="give the values with --inputs FILE.npz")
+    raise BnfoldError(f"input {spec.name!r} is {dtype}: values of that type cannot be generated",
+                      note="give the values in .npz files", option="inputs")
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -295,7 +325,7 @@ def _load_one(file: Path, specs: list[InputSpec], with_outputs: bool) -> Sample:
                           note="keys are input names, or input:NAME")
     if with_outputs and not expected:
         raise BnfoldError(f"{file}: holds no saved outputs (keys output:NAME)",
-                          note="write references with bnfold export --reference")
+                          note="bnfold export writes them with its reference file")
     return Sample(file.name, feeds, expected if with_outputs else None)
 
 
@@ -309,7 +339,7 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
 
 def _conform(array: np.ndarray, spec: InputSpec, file: Path) -> np.ndarray:
     """The array in the input's dtype, if that loses nothing; raise if its shape or values do not fit."""
-    _check_shape(spec, array.shape, str(file))
+    _check_shape(spec, array.shape, f"{file}: ")
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec.elem_type))
     if array.dtype == dtype:
         return array

@@ -1,4 +1,5 @@
-"""Regenerate the committed sample ONNX models and their float64 references, bit for bit.
+"""Regenerate the committed sample ONNX models (bit for bit) and their float64 references (to 1e-12:
+torch's float64 sums depend on the CPU's vector width).
 
     python sample_models/make_models.py                 # every committed file, into sample_models/
     python sample_models/make_models.py --out-dir DIR   # the same files into DIR (to compare)

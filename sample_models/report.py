@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent))  # the checkout's bnfold, even when it is n
 
 from bnfold.fold import fold_model  # noqa: E402
 from bnfold.io import load_model  # noqa: E402
+from bnfold.runtime import create_session  # noqa: E402
 
 
 @dataclass
@@ -53,13 +54,7 @@ def load_reference(npz_path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
 
 def run(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Outputs by name, from onnxruntime on CPU with every graph optimization disabled."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs)))
+    return create_session(model, label="sample").run(inputs)
 
 
 def errors(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> tuple[float, float]:

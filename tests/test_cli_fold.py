@@ -141,6 +141,23 @@ def test_inspect_lists_decisions(model_file, capsys):
     assert json.loads(capsys.readouterr().out)["decisions"][0]["neighbour"] == "conv"
 
 
+def test_inspect_shows_every_pass(capsys):
+    """A dynamo export's zero biases are Shape/Expand/CastLike expressions: folding frees them, and
+    inspect says what each pass of the pipeline would do (table and JSON)."""
+    from bnfold.passes import PIPELINE
+    sample = str(ROOT / "sample_models" / "resnet_small.onnx")
+    assert main(["inspect", sample]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "│" in line]
+    assert any(re.search(r"fold-batchnorm\s*│\s*folded\s*│\s*20\b", row) for row in rows)
+    assert any(re.search(r"remove-dead-code\s*│\s*removed\s*│\s*\d+\s*│.*Expand x40", row) for row in rows)
+    assert main(["inspect", sample, "--json"]) == 0
+    passes = json.loads(capsys.readouterr().out)["passes"]
+    assert [p["name"] for p in passes] == [p.name for p in PIPELINE]
+    removed = passes[-1]["decisions"]
+    assert removed and {d["reason"] for d in removed} == {"removed"}
+    assert {"Shape", "Expand", "CastLike"} <= {d["op_type"] for d in removed}
+
+
 def _bad_inputs(tmp_path):
     (tmp_path / "empty.onnx").write_bytes(b"")
     (tmp_path / "text.onnx").write_text("this is not a model\n" * 20)

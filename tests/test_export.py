@@ -18,18 +18,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxscript  # noqa: F401  (a declared test dependency: missing, it must fail, not skip)
 import pytest
+import torch
 
 import bnfold
 from bnfold.cli import main
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_USAGE, BnfoldError
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnxscript")
-
-from bnfold.export import count_batchnorm_nodes, export_model, parse_shape, sample_names  # noqa: E402
-from sample_models import SAMPLES  # noqa: E402
-from sample_models.report import load_reference, measure  # noqa: E402
+from bnfold.export import count_batchnorm_nodes, export_model, sample_names
+from bnfold.inputs import parse_dims
+from bnfold.zoo import SAMPLES
+from sample_models.report import load_reference, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [name for name in sample_names() if name != "resnet50"]
@@ -106,27 +105,27 @@ def test_full_matrix(tmp_path, name, exporter, opset):
     _export_and_check(tmp_path, name, exporter, opset)
 
 
-def test_dynamo_below_its_native_opset_fails_cleanly_or_converts(tmp_path):
-    """torch silently writes opset 18 when its converter fails; bnfold must refuse, not mislabel."""
+def test_dynamo_below_its_native_opset_is_refused(tmp_path):
+    """torch silently writes opset 18 when its converter fails; bnfold must refuse, not mislabel.
+
+    The converter of torch 2.13 (constraints.txt) fails on resnet_small at opset 13; a torch that
+    converts it makes this test fail, and then the test should check the opset written instead.
+    """
     out = tmp_path / "m.onnx"
-    try:
+    with pytest.raises(BnfoldError, match="cannot write opset 13 \\(it wrote opset 18\\)") as info:
         export_model("resnet_small", out, exporter="dynamo", opset=13)
-    except BnfoldError as exc:
-        assert "cannot write opset 13" in exc.message and not out.exists()
-    else:
-        assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain == "") == 13
+    assert info.value.exit_code == EXIT_USAGE and info.value.option == "opset"
+    assert not out.exists()
 
 
 def test_exporter_bug_is_reported_not_written(tmp_path):
-    """A model onnxruntime cannot run (dynamo's bias-free Conv3d) fails the export with exit 1."""
+    """A model onnxruntime cannot run (dynamo's bias-free Conv3d, onnxscript issue 2931, in torch 2.13
+    of constraints.txt) fails the export with exit 1 and writes nothing."""
     out = tmp_path / "v.onnx"
-    try:
+    with pytest.raises(BnfoldError, match="onnxruntime cannot run: .*bias must be a 1D tensor") as info:
         export_model("video_conv3d", out, exporter="dynamo")
-    except BnfoldError as exc:
-        assert exc.exit_code == EXIT_CHECK_FAILED and "onnxruntime cannot run" in exc.message
-        assert not out.exists()
-    else:  # torch/onnxscript fixed it
-        assert count_batchnorm_nodes(onnx.load(str(out))) == 3
+    assert info.value.exit_code == EXIT_CHECK_FAILED
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------ the BN check
@@ -227,29 +226,47 @@ def test_dynamic_batch(tmp_path, exporter):
     assert y.shape == (3, 10)
 
 
-def test_committed_models_regenerate_bit_for_bit(tmp_path):
-    """make_models.py writes the committed bytes again (with the torch version that wrote them)."""
+def test_committed_models_regenerate(tmp_path):
+    """make_models.py writes the committed files again (with the torch version that wrote them)."""
     stems = ["mlp_bn1d", "shared_conv_opset13"]
     producer = onnx.load(str(ROOT / "sample_models" / "mlp_bn1d.onnx")).producer_version
     if producer.split("+")[0] != torch.__version__.split("+")[0]:
         pytest.skip(f"committed files come from torch {producer}, this is {torch.__version__}")
     make = importlib.import_module("sample_models.make_models")
     assert make.main(["--out-dir", str(tmp_path), "--only", *stems]) == 0
-    for name in (f"{stem}{suffix}" for stem in stems for suffix in (".onnx", ".npz")):
-        assert (tmp_path / name).read_bytes() == (ROOT / "sample_models" / name).read_bytes(), name
+    for stem in stems:
+        assert_regenerated(tmp_path, stem)
 
 
 @pytest.mark.slow
-def test_all_committed_models_regenerate_bit_for_bit(tmp_path):
+def test_all_committed_models_regenerate(tmp_path):
     producer = onnx.load(str(ROOT / "sample_models" / "mlp_bn1d.onnx")).producer_version
     if producer.split("+")[0] != torch.__version__.split("+")[0]:
         pytest.skip(f"committed files come from torch {producer}, this is {torch.__version__}")
     make = importlib.import_module("sample_models.make_models")
     assert make.main(["--out-dir", str(tmp_path)]) == 0
     for entry in make.COMMITTED:
-        for suffix in (".onnx", ".npz"):
-            name = f"{entry.stem}{suffix}"
-            assert (tmp_path / name).read_bytes() == (ROOT / "sample_models" / name).read_bytes(), name
+        assert_regenerated(tmp_path, entry.stem)
+
+
+def assert_regenerated(folder, stem: str) -> None:
+    """The .onnx and the reference inputs bit for bit; the float64 reference outputs to 1e-12 relative.
+
+    torch's float64 kernels sum in an order that depends on the CPU's vector width (AVX2 vs AVX-512):
+    the same torch build gives outputs a few float64 ulps apart on different machines (measured: at
+    most 4e-14 relative on mlp_bn1d). That is 8 orders of magnitude below any float32 error the
+    references are used to measure, so bit equality is required only where the CPU cannot matter."""
+    committed = ROOT / "sample_models"
+    assert (folder / f"{stem}.onnx").read_bytes() == (committed / f"{stem}.onnx").read_bytes(), stem
+    with np.load(folder / f"{stem}.npz") as new, np.load(committed / f"{stem}.npz") as old:
+        assert sorted(new.files) == sorted(old.files), stem
+        for key in old.files:
+            if key.startswith("output:"):
+                scale = float(np.abs(old[key]).max())
+                np.testing.assert_allclose(new[key], old[key], rtol=1e-12, atol=1e-12 * scale, err_msg=key)
+                assert new[key].dtype == old[key].dtype == np.float64
+            else:
+                assert new[key].tobytes() == old[key].tobytes() and new[key].dtype == old[key].dtype, key
 
 
 @pytest.mark.slow
@@ -294,13 +311,13 @@ def test_cli_exports_module_callable(tmp_path, monkeypatch, capsys):
     (["json:__name__"], "is not callable"),
     (["json:dumps", "--input-shape", "1x2"], "building json:dumps failed"),
     (["collections:OrderedDict", "--input-shape", "1x2"], "not a torch.nn.Module"),
-    (["collections:OrderedDict"], "has no default input shape"),
+    (["collections:OrderedDict"], "--input-shape: collections:OrderedDict has no default input shape"),
     ([":build"], "bad model spec"),
-    (["resnet_small", "--input-shape", "1x3xax64"], "bad input shape '1x3xax64'"),
-    (["resnet_small", "--input-shape", "0x3x64x64"], "bad input shape"),
-    (["resnet_small", "--input-shape", ""], "bad input shape"),
-    (["resnet_small", "--input-shape", "1x3x64"], "forward pass failed"),
-    (["resnet_small", "--opset", "99", "--exporter", "torchscript"], "cannot write opset 99"),
+    (["resnet_small", "--input-shape", "1x3xax64"], "--input-shape: bad shape '1x3xax64'"),
+    (["resnet_small", "--input-shape", "0x3x64x64"], "--input-shape: bad shape"),
+    (["resnet_small", "--input-shape", ""], "--input-shape: bad shape"),
+    (["resnet_small", "--input-shape", "1x3x64"], "--input-shape: the model's forward pass failed"),
+    (["resnet_small", "--opset", "99", "--exporter", "torchscript"], "--opset: the torchscript exporter"),
 ])
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys, argv, message):
     out = tmp_path / "out.onnx"
@@ -325,7 +342,9 @@ def test_without_torch_export_says_how_to_install(monkeypatch, capsys, tmp_path)
 
 def test_bnfold_never_imports_torch_outside_export():
     """fold, inspect, verify and bench must work on a machine without torch."""
-    modules = [m.name for m in pkgutil.walk_packages(bnfold.__path__, "bnfold.") if m.name != "bnfold.__main__"]
+    # bnfold.zoo is export's: the sample architectures are torch modules
+    modules = [m.name for m in pkgutil.walk_packages(bnfold.__path__, "bnfold.")
+               if m.name not in ("bnfold.__main__", "bnfold.zoo")]
     code = ("import importlib, sys\n"
             "sys.modules['torch'] = None\n"
             f"for name in {modules!r}:\n"
@@ -336,9 +355,9 @@ def test_bnfold_never_imports_torch_outside_export():
     assert done.returncode == 0, done.stderr
 
 
-def test_parse_shape():
-    assert parse_shape("1x3x224x224") == (1, 3, 224, 224)
-    assert parse_shape(" 8 ") == (8,)
+def test_input_shapes_use_the_dims_of_the_shape_grammar():
+    assert parse_dims("1x3x224x224") == (1, 3, 224, 224) == parse_dims("1X3x224X224")
+    assert parse_dims(" 8 ") == (8,)
     for bad in ("", "x", "1x", "1xx2", "-1x3", "1.5x2", "0"):
         with pytest.raises(BnfoldError):
-            parse_shape(bad)
+            parse_dims(bad)

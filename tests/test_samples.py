@@ -17,7 +17,7 @@ from sample_models.report import committed_models, errors, load_reference, measu
 MODELS = committed_models()
 MODEL_IDS = [p.stem for p in MODELS]
 
-# BatchNorm count of each architecture, from its definition in sample_models/zoo.py, e.g. ResNet-18:
+# BatchNorm count of each architecture, from its definition in bnfold/zoo.py, e.g. ResNet-18:
 # stem 1 + 8 basic blocks x 2 + 3 downsample projections = 20.
 BN_COUNT = {"resnet_small": 20, "resnet50_small": 53, "mobilenetv2_small": 19, "efficientnet_block": 11,
             "densenet_small": 15, "unet_small": 9, "audio_conv1d": 4, "video_conv3d": 3, "mlp_bn1d": 2,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +14,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import bnfold.fold as fold
 from bnfold.cli import main
+from bnfold.cli_options import add_verify_arguments, verify_options_from_args
+from bnfold.compare import compare_arrays
 from bnfold.errors import BnfoldError
-from bnfold.verify import (DEFAULT_TOLERANCES, Tolerance, VerifyOptions, add_verify_arguments,
-                           compare_arrays, options_from_args, render_report, verify_against_reference,
+from bnfold.inputs import parse_shape
+from bnfold.verify import (DEFAULT_TOLERANCES, Tolerance, VerifyOptions, verify_against_reference,
                            verify_models)
+from bnfold.verify_render import render_report
 
 ROOT = Path(__file__).resolve().parent.parent
 F32, F16, BF16 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
@@ -142,11 +149,11 @@ def test_bisect_reports_second_layer_when_first_is_right():
 
 def test_bisect_in_small_chunks_finds_the_same_tensor(monkeypatch):
     """With a tiny memory budget every tensor gets its own session: same answer, same count."""
-    import bnfold.verify
+    import bnfold.bisect
 
     reference, folded = _two_convs()
     folded = _spoil_initializer(folded, "b2", index=0, factor=1.01)
-    monkeypatch.setattr(bnfold.verify, "_BISECT_CHUNK_BYTES", 1)
+    monkeypatch.setattr(bnfold.bisect, "_BISECT_CHUNK_BYTES", 1)
     bisect = verify_models(reference, folded, VerifyOptions(bisect=True)).bisect
     assert (bisect.tensor, bisect.compared) == ("y", 3)
 
@@ -182,6 +189,7 @@ def test_cli_pass_exit_0_and_table(tmp_path, capsys):
     assert code == 0, err
     assert out.startswith("PASS") and "max abs" in out and "cosine" in out
     assert "N (batch) = 1 and 2" in err and err.count("\n") == 1  # one note: the batch default
+    assert "set them with --shape NAME=DxDx..." in err  # the CLI names the flag
 
 
 def test_json_is_exactly_one_document(tmp_path, capsys):
@@ -334,8 +342,7 @@ def test_dynamic_dims_default_and_note():
     report = verify_models(model, model)
     assert report
     assert [s.input_shapes["x"] for s in report.samples] == [(1, 3, 32, 32), (2, 3, 32, 32)]
-    assert report.notes == ("symbolic dims set to defaults: N (batch) = 1 and 2, H = 32, W = 32; "
-                            "set them with --shape NAME=DxDx...",)
+    assert report.notes == ("symbolic dims set to defaults: N (batch) = 1 and 2, H = 32, W = 32",)
 
 
 def test_shape_flag_sets_dims_and_named_dims_follow(tmp_path, capsys):
@@ -350,7 +357,9 @@ def test_shape_flag_sets_dims_and_named_dims_follow(tmp_path, capsys):
     code, _, err = _cli(capsys, paths["model"], paths["model"], "--shape", "c=5x4")
     assert code == 2 and "no input 'c'" in err
     code, _, err = _cli(capsys, paths["model"], paths["model"], "--shape", "a=5by4")
-    assert code == 2 and err.startswith("bnfold: error: --shape")
+    assert code == 2 and err.startswith("bnfold: error: --shape: a=5by4: bad shape '5by4'")
+    code, _, err = _cli(capsys, paths["model"], paths["model"], "--shape", "a=5X4")  # x or X
+    assert code == 0, err
 
 
 def test_batch_statistics_only_show_at_batch_above_1():
@@ -470,7 +479,7 @@ def test_inputs_from_npz_file_and_folder(tmp_path, capsys):
     code, _, err = _cli(capsys, paths["model"], paths["model"], "--inputs", tmp_path / "lossy.npz")
     assert code == 2 and "do not convert exactly" in err
     code, _, err = _cli(capsys, paths["model"], paths["model"], "--inputs", folder, "--samples", "2")
-    assert code == 2 and "--samples" in err
+    assert code == 2 and err.startswith("bnfold: error: --samples: does not apply")
 
 
 def test_against_reference_file_and_folder(tmp_path, capsys):
@@ -496,7 +505,7 @@ def test_against_reference_file_and_folder(tmp_path, capsys):
     code, _, err = _cli(capsys, "--against-reference", tmp_path / "no_outputs.npz", paths["model"])
     assert code == 2 and "no saved outputs" in err
     code, _, err = _cli(capsys, "--against-reference", folder, paths["model"], "--bisect")
-    assert code == 2 and "--bisect" in err
+    assert code == 2 and err.startswith("bnfold: error: --bisect: does not apply")
 
 
 # ---------------------------------------------------------------------- flags for fold --verify
@@ -505,13 +514,29 @@ def test_shared_flags_build_options():
     add_verify_arguments(parser)
     args = parser.parse_args(["--shape", "x=2x3", "--shape", "y=4", "--samples", "3", "--seed", "7",
                               "--atol", "1e-3", "--rtol", "0", "--provider", "cpu"])
-    options = options_from_args(args)
+    options = verify_options_from_args(args)
     assert options == VerifyOptions(shapes={"x": (2, 3), "y": (4,)}, samples=3, seed=7, atol=1e-3,
                                     rtol=0.0, provider="cpu")
     with pytest.raises(SystemExit):
         parser.parse_args(["--atol", "-1"])
     with pytest.raises(BnfoldError, match="given twice"):
-        options_from_args(parser.parse_args(["--shape", "x=1", "--shape", "x=2"]))
+        verify_options_from_args(parser.parse_args(["--shape", "x=1", "--shape", "x=2"]))
+    scalar = verify_options_from_args(parser.parse_args(["--shape", "s="]))
+    assert scalar.shapes == {"s": ()}
+
+
+@pytest.mark.parametrize("text, expected", [("x=1x3x224x224", ("x", (1, 3, 224, 224))),
+                                            ("a=b=2X5", ("a=b", (2, 5))), ("s=", ("s", ())),
+                                            ("x= 4x2 ", ("x", (4, 2)))])
+def test_parse_shape(text, expected):
+    assert parse_shape(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x", "=1x2", "x=1xa", "x=0x3", "x=1x", "x=-1", "x=1.5"])
+def test_parse_shape_rejects_with_the_option_named(text):
+    with pytest.raises(BnfoldError) as info:
+        parse_shape(text)
+    assert info.value.option == "shapes" and "--" not in info.value.message
 
 
 def test_seed_makes_inputs_reproducible():
@@ -530,7 +555,6 @@ def _sample_models() -> list[Path]:
 
 @pytest.mark.parametrize("path", _sample_models() or [None], ids=lambda p: p.stem if p else "none")
 def test_correct_fold_passes_on_every_sample_model(path):
-    fold = pytest.importorskip("bnfold.fold")
     if path is None:
         pytest.skip("no committed sample models")
     model = onnx.load(str(path))
@@ -546,7 +570,6 @@ def _sample_references() -> list[Path]:
 @pytest.mark.parametrize("saved", _sample_references() or [None], ids=lambda p: p.stem if p else "none")
 def test_sample_model_and_its_fold_match_the_saved_float64_outputs(saved):
     """The files `bnfold export --reference` writes are what --against-reference reads."""
-    fold = pytest.importorskip("bnfold.fold")
     if saved is None:
         pytest.skip("no committed sample references")
     model = onnx.load(str(saved.with_suffix(".onnx")))
@@ -565,3 +588,46 @@ def test_a_named_batch_dim_is_the_batch_wherever_it_appears():
     assert report, render_report(report)
     assert [s.input_shapes for s in report.samples] == [{"a": (1, 4), "b": (4, 1)},
                                                         {"a": (2, 4), "b": (4, 2)}]
+
+
+# ------------------------------------------------------------------------------------- promises
+def test_verify_runs_onnxruntime_with_graph_optimizations_off(monkeypatch):
+    """onnxruntime's own Conv+BN fusion would compare its fold with ours: every session verify
+    creates (bisect's included) must have every graph optimization disabled."""
+    import onnxruntime as ort
+
+    levels = []
+    real = ort.InferenceSession
+
+    def recording(model, sess_options=None, *args, **kwargs):
+        levels.append(sess_options.graph_optimization_level)
+        return real(model, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    reference, wrong = _two_convs(perturb=1e-3)
+    report = verify_models(reference, wrong, VerifyOptions(bisect=True))
+    assert report.bisect is not None and len(levels) >= 4  # two to compare, two or more to bisect
+    assert set(levels) == {ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    assert report.to_dict()["graph_optimizations"] == "disabled"
+
+
+def test_readme_tolerance_table_is_default_tolerances():
+    """The README's "Tolerances" table documents DEFAULT_TOLERANCES: changing either side fails."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| ([0-9.e+-]+) / ([0-9.e+-]+) \|", text, flags=re.MULTILINE)
+    documented = {dtype: Tolerance(float(atol), float(rtol)) for dtype, atol, rtol in rows}
+    assert documented == DEFAULT_TOLERANCES
+
+
+def _imported_after(code: str) -> set[str]:
+    """The top-level modules imported by running `code` in a fresh interpreter."""
+    script = code + "\nimport sys\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+def test_building_the_parser_imports_neither_onnxruntime_nor_matplotlib():
+    imported = _imported_after("import bnfold.cli\nbnfold.cli.build_parser()")
+    assert "onnxruntime" not in imported and "matplotlib" not in imported and "torch" not in imported

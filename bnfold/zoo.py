@@ -23,7 +23,8 @@ shared_conv         one Conv module applied to two inputs, each path with its ow
 
 ``SAMPLES`` maps each name to a :class:`Sample` (factory, default input shapes, description), in the
 order above. Weights come from torch's default initialisation: seed the RNG before calling a factory
-for reproducible weights (``bnfold export`` does).
+for reproducible weights (``bnfold export`` does). This module imports torch: only bnfold.export
+imports it, lazily; the committed exports of these models are in the checkout's sample_models/.
 """
 
 from __future__ import annotations

@@ -1,0 +1,152 @@
+"""The flags of verify and bench, how they become option objects, and how errors name them again.
+
+The library takes VerifyOptions and BenchOptions and names a parameter (``BnfoldError.option``) when one
+is at fault; this module owns the other direction: parameter -> flag. `fold` takes verify's flags as
+they are and bench's with a ``--bench-`` prefix. Nothing here imports onnxruntime: building the parser
+must stay quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .bench import DEFAULT_SECONDS, MAX_PAIRS, MIN_PAIRS, PLOT_HINT, BenchOptions
+from .errors import BnfoldError
+from .inputs import BATCHES, OTHER_DIM, parse_shape
+from .runtime import LEVELS
+from .verify import VerifyOptions
+
+# library parameter -> flag name (without the leading dashes and any prefix)
+FLAGS = {
+    "inputs": "inputs", "shapes": "shape", "samples": "samples", "seed": "seed", "atol": "atol",
+    "rtol": "rtol", "provider": "provider", "bisect": "bisect", "levels": "level", "threads": "threads",
+    "batch": "batch", "warmup": "warmup", "runs": "runs", "seconds": "seconds", "creations": "creations",
+    "plot": "plot", "input_shapes": "input-shape", "opset": "opset", "exporter": "exporter",
+    "exclude_nodes": "exclude-node", "jobs": "jobs",
+}
+
+
+def flag_of(option: str, prefix: str = "") -> str | None:
+    """The command-line flag of library parameter `option` (`prefix` as in add_bench_arguments)."""
+    name = FLAGS.get(option)
+    return None if name is None else f"--{prefix}{name}"
+
+
+def with_flag(error: BnfoldError, prefix: str = "") -> BnfoldError:
+    """`error` with the flag of its option in front of the message (and no option left to name)."""
+    flag = flag_of(error.option, prefix) if error.option else None
+    if flag is None:
+        return error
+    flagged = BnfoldError(f"{flag}: {error.message}", note=error.note, exit_code=error.exit_code)
+    flagged.__cause__ = error
+    return flagged
+
+
+def shape_defaults_hint(note: str) -> str:
+    """A verify note, with the flag that overrides symbolic-dim defaults when it reports them."""
+    from .inputs import DEFAULTS_NOTE
+
+    return f"{note}; set them with --shape NAME=DxDx..." if note.startswith(DEFAULTS_NOTE) else note
+
+
+# -------------------------------------------------------------------------------------------- verify
+def add_verify_arguments(parser) -> None:
+    """The input and tolerance flags `verify` and `fold --verify` share."""
+    parser.add_argument("--inputs", metavar="FILE.npz|DIR",
+                        help="input values: one .npz (keys: input names) or a folder of them, one "
+                             "sample each (default: seeded random inputs)")
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx...",
+                        help="concrete shape of an input with symbolic dims (repeatable; 'x' or 'X' "
+                             "between dims, NAME= for a scalar); default: a symbolic dim 0 is tried at "
+                             f"{' and '.join(map(str, BATCHES))}, any other symbolic dim is {OTHER_DIM}")
+    parser.add_argument("--samples", type=int, metavar="N",
+                        help="random input samples per batch size (default 1)")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed of the random inputs (default 0)")
+    parser.add_argument("--atol", type=_tolerance, metavar="A",
+                        help="absolute tolerance for every output dtype (default: per dtype)")
+    parser.add_argument("--rtol", type=_tolerance, metavar="R",
+                        help="relative tolerance for every output dtype (default: per dtype)")
+    parser.add_argument("--provider", metavar="P",
+                        help="onnxruntime execution provider, e.g. cuda (default: CPU)")
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def verify_options_from_args(args) -> VerifyOptions:
+    """VerifyOptions from the flags of add_verify_arguments (and --bisect, where the parser has it)."""
+    return VerifyOptions(inputs=args.inputs, shapes=_shapes(args.shape), samples=args.samples,
+                         seed=args.seed, atol=args.atol, rtol=args.rtol, provider=args.provider,
+                         bisect=getattr(args, "bisect", False))
+
+
+def _shapes(texts) -> dict[str, tuple[int, ...]]:
+    """NAME=DIMS texts -> {name: dims}; each name once."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for text in texts or ():
+        name, shape = parse_shape(text)
+        if name in shapes:
+            raise BnfoldError(f"{name}=...: given twice", option="shapes")
+        shapes[name] = shape
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------- bench
+def add_bench_arguments(parser, prefix: str = "") -> None:
+    """Add the measurement options to an argparse parser.
+
+    `prefix="bench-"` names them `--bench-runs`, `--bench-level`, ... so a command with options of its
+    own (`fold --bench`) can take them without clashes; :func:`bench_options_from_args` reads them back.
+    """
+    d = BenchOptions()
+    opt = f"--{prefix}"
+    parser.add_argument(f"{opt}level", default=",".join(d.levels), metavar="LEVELS",
+                        help=f"comma-separated onnxruntime optimization levels out of "
+                             f"{', '.join(LEVELS)} (default: %(default)s)")
+    parser.add_argument(f"{opt}threads", type=int, default=d.threads, metavar="N",
+                        help="intra-op threads per session (default: %(default)s, for stable figures)")
+    parser.add_argument(f"{opt}batch", type=int, default=d.batch, metavar="N",
+                        help="size of a symbolic first dimension (default: %(default)s); other "
+                             f"symbolic dimensions are {OTHER_DIM} unless --{prefix}shape says")
+    parser.add_argument(f"{opt}shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                        help="the shape of one input (repeatable; 'x' or 'X' between dims, NAME= for "
+                             "a scalar)")
+    parser.add_argument(f"{opt}provider", default=d.provider, metavar="P",
+                        help="onnxruntime execution provider (default: %(default)s)")
+    parser.add_argument(f"{opt}warmup", type=int, default=d.warmup, metavar="N",
+                        help="untimed pairs of runs first (default: %(default)s)")
+    amount = parser.add_mutually_exclusive_group()
+    amount.add_argument(f"{opt}runs", type=int, metavar="N", help="timed pairs of runs per level")
+    amount.add_argument(f"{opt}seconds", type=float, metavar="S",
+                        help=f"time budget per level (default: {DEFAULT_SECONDS:g} s, at least "
+                             f"{MIN_PAIRS} and at most {MAX_PAIRS} pairs)")
+    parser.add_argument(f"{opt}creations", type=int, default=d.creations, metavar="N",
+                        help="session creations timed per model and level (default: %(default)s)")
+    parser.add_argument(f"{opt}seed", type=int, default=d.seed, metavar="S",
+                        help="seed of the inputs and of the bootstrap (default: %(default)s)")
+    parser.add_argument(f"{opt}plot", metavar="FILE.png",
+                        help=f"write latency histograms per level (needs matplotlib: {PLOT_HINT})")
+
+
+def bench_options_from_args(args, prefix: str = "") -> BenchOptions:
+    """The BenchOptions that :func:`add_bench_arguments` (same prefix) parsed; validated."""
+    key = prefix.replace("-", "_")
+
+    def get(name):
+        return getattr(args, key + name)
+
+    options = BenchOptions(
+        levels=tuple(part.strip() for part in get("level").split(",") if part.strip()),
+        threads=get("threads"), batch=get("batch"), shapes=_shapes(get("shape")),
+        provider=get("provider"), warmup=get("warmup"), runs=get("runs"), seconds=get("seconds"),
+        creations=get("creations"), seed=get("seed"), plot=get("plot"))
+    options.validate()
+    return options
