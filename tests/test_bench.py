@@ -360,7 +360,13 @@ def test_run_bench_renders_json_to_the_given_file(pair, tmp_path):
     out = io.StringIO()
     report = bench.run_bench(*pair, BenchOptions(levels=("all",), runs=2, creations=1), as_json=True,
                              file=out)
-    assert json.loads(out.getvalue()) == json.loads(json.dumps(report.to_dict()))
+    document = json.loads(out.getvalue())  # exactly one JSON document, nothing else
+    assert document["baseline"] == str(pair[0]) and document["candidate"] == str(pair[1])
+    (level,) = document["levels"]
+    assert level["level"] == "all" and level["baseline"]["latency_ms"]["runs"] == 2
+    medians = [float(np.median(level[side]["latency_ms"]["samples"])) for side in ("baseline", "candidate")]
+    assert level["speedup"] == pytest.approx(medians[0] / medians[1], rel=1e-6)
+    assert level["speedup"] == pytest.approx(report.levels[0].speedup)
 
 
 # ------------------------------------------------------------------------------- benchmarks harness

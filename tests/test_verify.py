@@ -211,7 +211,12 @@ def test_report_is_json_serializable_and_renders():
     report = verify_models(reference, folded)
     json.dumps(report.to_dict(), allow_nan=False)
     text = render_report(report)
-    assert "PASS" in text and "y" in text and "\x1b[" not in text
+    assert text.startswith("PASS ") and "\x1b[" not in text
+    worst = max(c.max_abs for sample in report.samples for c in sample.outputs)
+    row = next(line for line in text.splitlines() if line.startswith("│ y "))
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    assert cells[:3] == ["y", "float32", "1x4x8x8, 2x4x8x8"]
+    assert cells[3] == f"{worst:.2e}" and cells[-2:] == ["1e-04 / 1e-04", "ok"]
 
 
 # -------------------------------------------------------------------------------- tolerance rule
