@@ -70,8 +70,8 @@ def test_several_inputs_to_out_dir_in_parallel(tmp_path, rng):
 
 
 def test_in_place_replaces_atomically(model_file, tmp_path):
-    """The input is replaced by a new file (a rename: new inode, no temporary left) that computes what
-    the original did."""
+    """design.md, Invariants 1: the input is replaced by a new file (a rename: new inode, no temporary
+    left) that computes what the original did."""
     original = onnx.load(model_file)
     inode = model_file.stat().st_ino
     assert main(["fold", str(model_file), "--in-place"]) == 0
@@ -83,7 +83,8 @@ def test_in_place_replaces_atomically(model_file, tmp_path):
 
 
 def test_in_place_write_failure_keeps_the_original(model_file, tmp_path, monkeypatch, capsys):
-    """A write that fails half-way leaves the input's bytes (and inode) as they were, and no temporary."""
+    """design.md, Invariants 1: a write that fails half-way leaves the input's bytes (and inode) as
+    they were, and no temporary."""
     import bnfold.io
 
     def fails_half_way(model, handle, source=None):
@@ -112,7 +113,8 @@ def test_external_data_output(tmp_path, rng):
 
 
 def test_external_data_verify_failure_leaves_nothing(tmp_path, rng, capsys):
-    """--external-data stages OUT and OUT.data together; when verification fails, neither they nor
+    """design.md, Invariants 1: --external-data stages OUT and OUT.data together; when verification
+    fails, neither they nor
     the staging folder may remain. Verification is made to fail with an input of NaNs: a NaN output
     fails in any model, whatever the fold computes. The same command with random inputs (the control)
     writes both files."""

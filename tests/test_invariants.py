@@ -1,5 +1,6 @@
-"""The invariants of ARCHITECTURE.md: shared weights, I/O kept, checker passes, determinism,
-idempotence, the caller's model untouched, subgraphs folded too."""
+"""The invariants of docs/design.md ("Invariants"): shared weights, I/O kept, checker passes,
+determinism, idempotence, the caller's model untouched, only bnfold's own leftovers removed. Invariant 1
+(atomic output) is tested with the CLI, in test_cli_fold.py and test_io.py."""
 
 import numpy as np
 import onnx
@@ -23,6 +24,7 @@ def shared_weight_model(rng) -> onnx.ModelProto:
 
 
 def test_shared_weights_each_fold_gets_its_own_copy(rng):
+    """design.md, Invariants 4: a weight a third node reads stays as it was; each fold gets a copy."""
     model = shared_weight_model(rng)
     original_w = numpy_helper.to_array(model.graph.initializer[0]).copy()
     folded, report = fold_model(model)
@@ -35,6 +37,7 @@ def test_shared_weights_each_fold_gets_its_own_copy(rng):
 
 
 def test_two_convs_share_weight_only_between_them(rng):
+    """design.md, Invariants 4: two folds of one shared weight get a copy each."""
     model = shared_weight_model(rng)
     del model.graph.node[4]
     del model.graph.output[2]
@@ -45,6 +48,7 @@ def test_two_convs_share_weight_only_between_them(rng):
 
 
 def test_callers_model_is_not_mutated(rng):
+    """design.md, Passes: fold_model works on a copy; the caller's model is never edited."""
     model = conv_bn(rng)
     before = model.SerializeToString()
     fold_model(model)
@@ -52,6 +56,7 @@ def test_callers_model_is_not_mutated(rng):
 
 
 def test_io_opsets_metadata_and_untouched_nodes_are_kept(rng):
+    """design.md, Invariants 2: inputs, outputs, opsets, IR version, metadata and untouched nodes kept."""
     model = conv_bn(rng)
     model.graph.node.append(helper.make_node("Relu", ["y"], ["z"], name="keep_me", doc_string="hello"))
     model.graph.output[0].name = "z"
@@ -70,6 +75,8 @@ def test_io_opsets_metadata_and_untouched_nodes_are_kept(rng):
 
 
 def test_checker_passes_and_output_is_deterministic_and_idempotent(rng):
+    """design.md, Invariants 3 and 5: valid in, valid out; same input, same bytes; a folded model is
+    a fixed point."""
     model = shared_weight_model(rng)
     first, _ = fold_model(model)
     second, _ = fold_model(model)
@@ -81,7 +88,8 @@ def test_checker_passes_and_output_is_deterministic_and_idempotent(rng):
 
 
 def test_bn_inside_if_branch_reading_outer_weights(rng):
-    """A BN in a subgraph is folded; the outer initializer it reads is copied, not changed."""
+    """A BN in a subgraph is folded; the outer initializer it reads is copied, not changed
+    (design.md, Invariants 4)."""
     inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W"),
              numpy_helper.from_array(np.array(True), "cond")]
     inits += bn_initializers(bn_stats(rng, 4), np.float32)
@@ -102,6 +110,7 @@ def test_bn_inside_if_branch_reading_outer_weights(rng):
 
 
 def test_unused_parameters_are_removed_and_nothing_else(rng):
+    """design.md, Invariants 7: the fold's leftovers go, an initializer unused in the input stays."""
     model = conv_bn(rng)
     model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "unrelated_unused"))
     folded, _ = fold_model(model)
