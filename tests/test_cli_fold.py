@@ -114,10 +114,9 @@ def test_external_data_output(tmp_path, rng):
 
 def test_external_data_verify_failure_leaves_nothing(tmp_path, rng, capsys):
     """design.md, Invariants 1: --external-data stages OUT and OUT.data together; when verification
-    fails, neither they nor
-    the staging folder may remain. Verification is made to fail with an input of NaNs: a NaN output
-    fails in any model, whatever the fold computes. The same command with random inputs (the control)
-    writes both files."""
+    fails, neither they nor the staging folder may remain. Verification is made to fail with an input
+    of NaNs: a NaN output fails in any model, whatever the fold computes. The same command with random
+    inputs (the control) writes both files."""
     model_file = tmp_path / "big.onnx"
     onnx.save(conv_bn(rng, channels_in=16, channels_out=32), model_file)
     nan_inputs = tmp_path / "nan.npz"
