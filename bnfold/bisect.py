@@ -55,7 +55,7 @@ class BisectResult:
                 "not_comparable": self.not_comparable,
                 "reference_node": node_dict(self.reference_node),
                 "candidate_node": node_dict(self.candidate_node),
-                "comparison": self.comparison.to_dict() if self.comparison else None}
+                "comparison": self.comparison.to_dict() if self.comparison is not None else None}
 
 
 def node_dict(node: NodeRef | None) -> dict | None:

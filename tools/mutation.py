@@ -1,11 +1,11 @@
 """Mutation score per module from a finished ``mutmut run`` (see docs/mutation.md).
 
-Reads mutmut's per-file results (``mutants/**/*.py.meta``) and the committed list of equivalent
-mutants (``tests/mutation/equivalent.txt``: ``<mutant name>  <reason>`` per line, ``#`` comments), and
+Reads mutmut's per-file results (``mutants/**/*.py.meta``) and the committed lists of equivalent
+mutants (``tests/mutation/equivalent*.txt``: ``<mutant name>  <reason>`` per line, ``#`` comments), and
 prints killed, survived, equivalent, timeout and other per module, with
 ``score = killed / (total - equivalent)``. Exits 1 when a non-equivalent mutant survives unexplained and
 the total score is under ``--min-score``, or when an equivalent entry is stale (the mutant no longer
-exists, or a test now kills it: then it was not equivalent).
+exists in a module that has results, or a test now kills it: then it was not equivalent).
 
     mutmut run --max-children 2 && python tools/mutation.py
 """
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.txt"
+EQUIVALENT = ROOT / "tests" / "mutation"  # equivalent*.txt
 
 # mutmut 3's exit-code meanings (mutmut.stats.status_by_exit_code), without importing mutmut.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
@@ -27,18 +28,30 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           37: "caught by type check", -11: "segfault", -9: "segfault", None: "not checked"}
 
 
-def load_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
-    """Mutant name -> reason, from the committed list."""
+def load_equivalent(folder: Path = EQUIVALENT) -> dict[str, str]:
+    """Mutant name -> reason, from the committed lists."""
     entries = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1) if path.exists() else ():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, reason = line.partition(" ")
-        if not reason.strip():
-            raise SystemExit(f"{path}:{number}: {name} has no reason")
-        entries[name] = reason.strip()
+    for path in sorted(folder.glob("equivalent*.txt")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, _, reason = line.partition(" ")
+            if not reason.strip():
+                raise SystemExit(f"{path}:{number}: {name} has no reason")
+            entries[name] = reason.strip()
     return entries
+
+
+def dotted(module: str) -> str:
+    """bnfold/passes/__init__.py -> bnfold.passes; bnfold/math.py -> bnfold.math."""
+    return module.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def module_of(mutant: str) -> str:
+    """The dotted module of a mutant name (bnfold.rules.base.x_fn__mutmut_3 -> bnfold.rules.base)."""
+    match = re.match(r"^(.*?)\.x[_ǁ]", mutant)
+    return match.group(1) if match else mutant
 
 
 def load_results(mutants: Path) -> dict[str, dict[str, str]]:
@@ -85,7 +98,9 @@ def main(argv=None) -> int:
         totals.update(counts)
         if statuses:
             rows.append((module, counts))
-    stale += [f"{name}: listed as equivalent but no such mutant" for name in equivalent if name not in seen]
+    run = {dotted(module) for module in results}
+    stale += [f"{name}: listed as equivalent but no such mutant" for name in equivalent
+              if name not in seen and module_of(name) in run]
     rows.append(("TOTAL", totals))
     print(f"{'module':32} {'total':>6} " + " ".join(f"{c:>10}" for c in columns) + f" {'score':>7}")
     for module, counts in rows:
@@ -95,7 +110,8 @@ def main(argv=None) -> int:
               + f" {score:>7.1%}")
     total_score = totals["killed"] / max(1, totals["total"] - totals["equivalent"])
     if unexplained:
-        print(f"\n{len(unexplained)} surviving mutant(s) neither killed nor listed in {EQUIVALENT.relative_to(ROOT)}"
+        print(f"\n{len(unexplained)} surviving mutant(s) neither killed nor listed in "
+              f"{EQUIVALENT.relative_to(ROOT)}/equivalent*.txt"
               + ("" if args.list else " (--list names them; `mutmut show NAME` shows one)"))
         if args.list:
             for name in unexplained:
