@@ -96,7 +96,7 @@ class ConstantEvaluator:
         quick = _evaluate_in_numpy(node, [feeds.get(source) for source in node.input])
         if quick is not None:
             return quick
-        return self._run_reference(node, feeds)[list(node.output).index(name)]
+        return self._run_reference(node, feeds)[name]
 
     def _shape_or_size(self, node: onnx.NodeProto, name: str) -> np.ndarray:
         """Shape and Size need only the static shape of their input (or its value when it is constant)."""
@@ -122,17 +122,22 @@ class ConstantEvaluator:
             raise NotConstant(WEIGHTS_NOT_CONSTANT, f"the dtype of {source} (read by {node.op_type}) is unknown")
         return np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
 
-    def _run_reference(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _run_reference(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from onnx.reference import ReferenceEvaluator
+        # A bare node would run at the newest opset: wrap it in a graph, which runs at the model's.
+        names = [name for name in node.output if name]
+        graph = onnx.helper.make_graph(
+            [node], "constant", [onnx.helper.make_tensor_value_info(name, 0, None) for name in feeds],
+            [onnx.helper.make_tensor_value_info(name, 0, None) for name in names])
         try:
-            outputs = ReferenceEvaluator(node, opsets=dict(self.index.context.opsets)).run(None, feeds)
+            outputs = ReferenceEvaluator(graph, opsets=dict(self.index.context.opsets)).run(None, feeds)
         except Exception as exc:  # the reference implementation raises many types for bad inputs
             raise NotConstant(WEIGHTS_NOT_CONSTANT,
                               f"cannot evaluate {node.op_type} {node.name!r}: {exc}".splitlines()[0]) from None
         for output in outputs:
             if np.asarray(output).nbytes > _LARGE_CONSTANT:
                 raise NotConstant(WEIGHTS_NOT_CONSTANT, f"{node.op_type} {node.name!r} yields a huge constant")
-        return [np.asarray(o) for o in outputs]
+        return {name: np.asarray(output) for name, output in zip(names, outputs)}
 
 
 def reads_type_only(node: onnx.NodeProto, position: int) -> bool:

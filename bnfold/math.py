@@ -45,7 +45,7 @@ def scale_rows(weight, factors: np.ndarray, out_dtype=np.float64) -> np.ndarray:
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows].astype(np.float64)
         block *= factors if factors.shape[0] == 1 else factors[start:start + rows]
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore"):  # an overflowing cast is refused by the caller (cast_checked)
             out[start:start + rows] = block
     return out
 

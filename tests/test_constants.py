@@ -267,6 +267,23 @@ def test_reference_evaluation_uses_the_model_opset_and_reports_failures():
     assert info.value.detail.startswith("cannot evaluate Reshape 'reshape': ") and "\n" not in info.value.detail
 
 
+def test_reference_evaluation_runs_at_the_model_opset_not_the_newest():
+    """Clip's bounds are attributes at opset 6 and inputs from opset 11: evaluated at the newest opset
+    the node would fail (a bare node ignores the model's opsets), so it is wrapped in a graph."""
+    clip = helper.make_node("Clip", ["w"], ["c"], name="clip", min=-1.0, max=1.0)
+    index = _index([clip], initializers=[numpy_helper.from_array(np.array([-3, 0.5, 3], np.float32), "w")],
+                   opset=6)
+    assert index.constants.value("c").tolist() == [-1.0, 0.5, 1.0]
+
+
+def test_reference_evaluation_of_a_node_with_an_omitted_optional_output():
+    """An empty optional output name does not shift which value belongs to which output."""
+    split = helper.make_node("Split", ["w", "sizes"], ["", "q"], name="split", axis=0)
+    index = _index([split], initializers=[numpy_helper.from_array(np.arange(4, dtype=np.float32), "w"),
+                                          numpy_helper.from_array(np.array([1, 3], np.int64), "sizes")])
+    assert index.constants.value("q").tolist() == [1.0, 2.0, 3.0]
+
+
 def test_a_huge_constant_expression_is_not_materialized(monkeypatch):
     import bnfold.constants as constants
     monkeypatch.setattr(constants, "_LARGE_CONSTANT", 16)  # bytes: 4 float32 are allowed, 5 are not
@@ -298,3 +315,34 @@ def test_forget_drops_a_cached_value():
     assert index.constants.value("n").tolist() == [-1.0, -1.0]  # cached
     index.constants.forget("n")
     assert index.constants.value("n").tolist() == [1.0, 1.0]
+
+
+# ------------------------------------------------------------------ reason codes and words (mutation testing)
+def _not_constant(index, name):
+    from bnfold.constants import NotConstant
+    with pytest.raises(NotConstant) as info:
+        index.constants.value(name)
+    return info.value.reason, info.value.detail
+
+
+def test_not_constant_reasons_and_details(monkeypatch):
+    import bnfold.constants as constants
+    w = numpy_helper.from_array(np.ones(2, np.float32), "w")
+    index = _index([helper.make_node("Neg", ["x"], ["n"], name="neg")],
+                   [helper.make_tensor_value_info("w", TensorProto.FLOAT, [2])], [w])
+    assert _not_constant(index, "w") == ("weights-overridable", "initializer w is also a graph input")
+    assert _not_constant(index, "ghost") == ("weights-not-constant", "ghost has no producer")
+    monkeypatch.setattr(constants, "_MAX_DEPTH", 0)
+    index = _index([helper.make_node("Neg", ["w"], ["a"], name="a"), helper.make_node("Neg", ["a"], ["b"], name="b")],
+                   initializers=[w])
+    assert _not_constant(index, "b") == ("weights-not-constant",
+                                         "a is computed by a constant chain too deep to evaluate")
+
+
+def test_constant_of_shape_is_not_a_constant_node():
+    """ConstantOfShape has one attribute named `value`, like a Constant: it must still fill the shape."""
+    node = helper.make_node("ConstantOfShape", ["s"], ["y"], name="cos",
+                            value=numpy_helper.from_array(np.array([2.5], np.float32)))
+    index = _index([node], initializers=[numpy_helper.from_array(np.array([2, 3], np.int64), "s")])
+    np.testing.assert_array_equal(index.constants.value("y"), np.full((2, 3), 2.5, np.float32))
+

@@ -192,3 +192,47 @@ def test_fold_before_matmul_is_matmul_of_bn(with_bias):
     expected = (x * scale + shift) @ weight.astype(np.float64) + (bias if with_bias else 0.0)
     np.testing.assert_allclose(x @ new_w + new_b, expected, rtol=1e-12, atol=1e-12)
     assert new_w.dtype == np.float64
+
+
+# ------------------------------------------------------------------ dtype contract (mutation testing)
+def test_bn_scale_shift_is_float64_from_float16_statistics():
+    from bnfold.math import bn_scale_shift
+    gamma, beta, mean, var = (np.array(v, np.float16) for v in ([1.1, -0.7], [0.3, 0.9], [0.2, -1.3], [0.9, 0.01]))
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, 1e-5)
+    g64, b64, m64, v64 = (a.astype(np.float64) for a in (gamma, beta, mean, var))
+    oracle = g64 / np.sqrt(v64 + 1e-5)
+    assert scale.dtype == shift.dtype == np.float64
+    np.testing.assert_allclose(scale, oracle, rtol=1e-12)
+    np.testing.assert_allclose(shift, b64 - m64 * oracle, rtol=1e-12)
+
+
+def test_biases_are_float64_whatever_the_input_dtypes():
+    """The module returns biases in float64 even when scale/shift/bias come in narrower dtypes."""
+    from bnfold.math import fold_after_conv, fold_after_conv_transpose
+    scale = np.array([1.1, -0.3], np.float32)
+    shift = np.array([0.7, 0.2], np.float32)
+    bias = np.array([0.1, 0.3], np.float16)
+    oracle = bias.astype(np.float64) * scale.astype(np.float64) + shift.astype(np.float64)
+    _, b1 = fold_after_conv(np.ones((2, 1, 1, 1), np.float32), bias, scale, shift)
+    _, b2 = fold_after_conv_transpose(np.ones((1, 2, 1, 1), np.float32), bias, scale, shift, groups=1)
+    for b in (b1, b2):
+        assert b.dtype == np.float64
+        np.testing.assert_allclose(b, oracle, rtol=1e-12)
+
+
+def test_out_dtype_reaches_the_weights():
+    from bnfold.math import fold_after_conv_transpose, fold_after_gemm
+    scale, shift = np.array([2.0, 0.5, 3.0, 1.5]), np.zeros(4)
+    w, _ = fold_after_conv_transpose(np.ones((2, 2, 3), np.float32), None, scale, shift, groups=2,
+                                     out_dtype=np.float32)
+    assert w.dtype == np.float32
+    np.testing.assert_array_equal(w[:, :, 0], [[2.0, 0.5], [3.0, 1.5]])
+    b, _ = fold_after_gemm(np.ones((3, 4), np.float16), None, scale, shift, trans_b=False, beta=1.0,
+                           out_dtype=np.float16)
+    assert b.dtype == np.float16
+
+
+def test_scale_rows_of_a_vector():
+    from bnfold.math import scale_rows
+    out = scale_rows(np.arange(5.0), np.arange(5.0))
+    np.testing.assert_array_equal(out, np.arange(5.0) ** 2)

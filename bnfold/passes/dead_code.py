@@ -37,7 +37,7 @@ class RemoveDeadCode(Pass):
                                              graph=path))
         removed_initializers = 0
         for path, graph in walked:
-            removed = {t.name for t in graph.initializer if t.name in dead and uses[t.name] <= 0}
+            removed = {t.name for t in graph.initializer if t.name in dead}
             removed_initializers += len(removed)
             _drop(graph.initializer, lambda t: t.name in removed)
             _drop(graph.value_info, lambda v: v.name in dead and v.name not in producers)
@@ -64,7 +64,7 @@ def _cascade(released: set[str], uses: Counter, producers: dict) -> tuple[set[st
     removed = []
     while pending:
         name = pending.pop()
-        if name in dead or uses[name] > 0:
+        if name in dead:  # another output of a node removed before
             continue
         dead.add(name)
         path, graph, node = producers.get(name, (None, None, None))
