@@ -9,6 +9,7 @@ inference-mode BN is an affine map per channel, and composing it with a linear o
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..errors import BnfoldError
@@ -67,7 +68,8 @@ def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str], p
         if match is None:
             continue
         try:
-            plan = rule.check(match, index)
+            with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are refused
+                plan = rule.check(match, index)
         except Refusal as refusal:
             first_refusal = first_refusal or (rule, match, refusal)
             continue

@@ -198,7 +198,7 @@ def weight_dtype(values: np.ndarray, what: str) -> np.dtype:
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """Round float64 results once to the weight's dtype; refuse if that is not finite (an inf or NaN
     in float64 stays one after the cast, so one check on the result covers both)."""
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore"):
         cast = values if values.dtype == dtype else values.astype(dtype)
     if np.isfinite(cast).all():
         return cast
