@@ -346,3 +346,16 @@ def test_constant_of_shape_is_not_a_constant_node():
     index = _index([node], initializers=[numpy_helper.from_array(np.array([2, 3], np.int64), "s")])
     np.testing.assert_array_equal(index.constants.value("y"), np.full((2, 3), 2.5, np.float32))
 
+
+
+def test_shape_of_a_tensor_of_unknown_type_is_not_constant():
+    """Shape needs a static shape: when nothing types its input (a custom op's output) it falls back on
+    the input's value, and a value that is not constant is a refusal, not a crash."""
+    from bnfold.constants import NotConstant
+    nodes = [helper.make_node("Foo", ["x"], ["u"], name="foo", domain="com.example"),
+             helper.make_node("Shape", ["u"], ["s"], name="shape")]
+    index = _index(nodes, inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])])
+    assert index.tensor_type("u") is None
+    with pytest.raises(NotConstant) as info:
+        index.constants.value("s")
+    assert (info.value.reason, info.value.detail) == ("weights-not-constant", "s is the shape of u, which is not static")
