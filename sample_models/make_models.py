@@ -1,4 +1,4 @@
-"""Regenerate the committed sample ONNX models (bit for bit) and their float64 references (to 1e-12:
+"""Regenerate the committed sample ONNX models (bit for bit) and their float64 references (to 1e-6 of their magnitude:
 torch's float64 sums depend on the CPU's vector width).
 
     python sample_models/make_models.py                 # every committed file, into sample_models/

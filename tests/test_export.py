@@ -250,12 +250,16 @@ def test_all_committed_models_regenerate(tmp_path):
 
 
 def assert_regenerated(folder, stem: str) -> None:
-    """The .onnx and the reference inputs bit for bit; the float64 reference outputs to 1e-12 relative.
+    """The .onnx and the reference inputs bit for bit; the float64 reference outputs to 1e-6 of their
+    largest magnitude.
 
-    torch's float64 kernels sum in an order that depends on the CPU's vector width (AVX2 vs AVX-512):
-    the same torch build gives outputs a few float64 ulps apart on different machines (measured: at
-    most 4e-14 relative on mlp_bn1d). That is 8 orders of magnitude below any float32 error the
-    references are used to measure, so bit equality is required only where the CPU cannot matter."""
+    torch's float64 kernels sum in an order that depends on the CPU (its vector width), and the
+    randomized BN statistics (scales up to ~6 per layer) amplify those last-bit differences through a
+    deep network: between two machines with the same torch build, the references differed by up to
+    9e-9 of max|output| (resnet50_small) and 4e-14 on the shallow mlp_bn1d. The references measure
+    float32 errors of ~1e-7 of max|output|, so a bound of 1e-6 catches a wrong reference (a changed
+    model, input or seed moves them by orders of magnitude more) while bit equality is required only
+    where the CPU cannot matter."""
     committed = ROOT / "sample_models"
     assert (folder / f"{stem}.onnx").read_bytes() == (committed / f"{stem}.onnx").read_bytes(), stem
     with np.load(folder / f"{stem}.npz") as new, np.load(committed / f"{stem}.npz") as old:
@@ -263,7 +267,7 @@ def assert_regenerated(folder, stem: str) -> None:
         for key in old.files:
             if key.startswith("output:"):
                 scale = float(np.abs(old[key]).max())
-                np.testing.assert_allclose(new[key], old[key], rtol=1e-12, atol=1e-12 * scale, err_msg=key)
+                np.testing.assert_allclose(new[key], old[key], rtol=0, atol=1e-6 * scale, err_msg=key)
                 assert new[key].dtype == old[key].dtype == np.float64
             else:
                 assert new[key].tobytes() == old[key].tobytes() and new[key].dtype == old[key].dtype, key
