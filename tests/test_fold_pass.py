@@ -89,3 +89,21 @@ def test_training_mode_details():
     assert training_mode_refusal(bn, 9) == (
         "training-mode", "declares training outputs (rm, rv) at opset 9, which makes runtimes normalize with "
         "batch statistics")
+
+
+def test_a_later_rule_folds_after_an_earlier_one_refuses(rng):
+    """conv1 -> BN -> conv2: conv1's output is also a graph output, so conv-bn refuses; bn-conv (no
+    padding) still folds the BN forward, and the decision is the later rule's."""
+    from tests.builders import assert_same_function, bn_initializers, bn_node, bn_stats, make_model, tensor
+    inits = [onnx.numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32), "W1"),
+             onnx.numpy_helper.from_array(rng.normal(0, 0.5, (5, 4, 1, 1)).astype(np.float32), "W2"),
+             *bn_initializers(bn_stats(rng, 4), np.float32)]
+    nodes = [onnx.helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1"), bn_node("c1", "b"),
+             onnx.helper.make_node("Conv", ["b", "W2"], ["y"], name="conv2")]
+    model = make_model(nodes, [tensor("x", np.float32, [1, 3, 5, 5])],
+                       [tensor("y", np.float32, None), tensor("c1", np.float32, None)], inits)
+    folded, report = fold_model(model)
+    decision = report.decisions[0]
+    assert (decision.reason, decision.rule, decision.neighbour) == ("folded", "bn-conv", "conv2")
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv"]
+    assert_same_function(model, folded)
