@@ -1,20 +1,27 @@
 """The `bnfold` command line: one small function per subcommand over the library.
 
-Exit codes: 0 success, 1 a check failed, 2 bad usage or bad input, 3 internal error (a bug).
+Exit codes: 0 success, 1 a check failed, 2 bad usage or bad input, 3 internal error (a bug); 130 and
+143 interrupted by SIGINT and SIGTERM, 141 stdout closed early (as unix tools that these signals end).
 Tables go to stdout; with --json exactly one JSON document goes to stdout; logs go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+from contextlib import contextmanager
 
-from .cli_options import (add_bench_arguments, add_verify_arguments, bench_options_from_args,
+from .cli_options import (add_bench_arguments, add_verify_arguments, bench_options_from_args, given_flags,
                           shape_defaults_hint, verify_options_from_args, with_flag)
-from .errors import EXIT_OK, BnfoldError
+from .errors import EXIT_INTERNAL, EXIT_OK, BnfoldError, Terminated
+from .foldcmd import interrupts_raise
 from .inputs import parse_dims
 
-EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a process that SIGINT ended
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`bnfold ... | head`)
 BENCH_PREFIX = "bench-"  # fold --bench takes bench's flags as --bench-runs, --bench-level, ...
 
 
@@ -29,113 +36,220 @@ def _add_fold_parser(sub) -> None:
                        description="Fold every BatchNormalization that can be folded exactly into its "
                                    "neighbouring Conv, ConvTranspose, Gemm or MatMul; leave the others "
                                    "with a reason. The input file is never modified (unless --in-place).")
-    p.add_argument("models", nargs="+", metavar="INPUT", help="ONNX model file(s)")
+    p.add_argument("models", nargs="+", metavar="INPUT",
+                   help="ONNX model file(s), or folder(s): every *.onnx below a folder")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("-o", "--output", metavar="OUT", help="output file (one INPUT only)")
-    where.add_argument("--out-dir", metavar="DIR", help="write each folded model under DIR, same file name")
+    where.add_argument("-o", "--output", metavar="OUT", help="output file (one INPUT file only)")
+    where.add_argument("--out-dir", metavar="DIR",
+                       help="write each folded model under DIR: an INPUT file as DIR/its name, a folder's "
+                            "models at their paths relative to it (subfolders are created)")
     where.add_argument("--in-place", action="store_true", help="replace each INPUT atomically")
     p.add_argument("--dry-run", action="store_true", help="report what would be folded, write nothing")
     p.add_argument("--report", metavar="FILE.json", help="write the fold report(s) as JSON")
     p.add_argument("--json", action="store_true", help="print the report(s) as one JSON document")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME",
-                   help="leave this BatchNormalization node as it is (repeatable)")
+                   help="leave this BatchNormalization node as it is (repeatable; the name must exist "
+                        "in at least one INPUT)")
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUT.data next to the output (automatic above 2 GB)")
-    p.add_argument("--jobs", type=int, default=1, metavar="N", help="fold N files in parallel")
-    checks = p.add_argument_group("verification (the flags of `bnfold verify`)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="fold N models in parallel processes")
+    checks = p.add_argument_group("verification (the flags of `bnfold verify`; they need --verify)")
     checks.add_argument("--verify", action="store_true",
                         help="compare the folded model with the original in onnxruntime before writing; "
                              "on a mismatch write nothing and exit 1")
-    add_verify_arguments(checks)
-    speed = p.add_argument_group("speed (the flags of `bnfold bench`, prefixed with --bench-)")
+    speed = p.add_argument_group("speed (the flags of `bnfold bench`, prefixed with --bench-; they need --bench)")
     speed.add_argument("--bench", action="store_true",
                        help="after writing, measure original vs folded in onnxruntime (bnfold bench)")
-    add_bench_arguments(speed, prefix=BENCH_PREFIX)
-    p.set_defaults(func=cmd_fold)
+    p.set_defaults(func=cmd_fold, verify_flags=add_verify_arguments(checks),
+                   bench_flags=add_bench_arguments(speed, prefix=BENCH_PREFIX))
 
 
 def cmd_fold(args) -> int:
-    from .fold import VerificationFailed
-    from .foldcmd import FoldJob, run_fold_jobs
+    several = _check_fold_usage(args)
+    bench = _bench_options(args, several) if args.bench else None
+    outcomes, seconds = _fold_all(args, _fold_jobs(args), several)
+    _print_notes(dict.fromkeys(note for o in outcomes if o.report is not None
+                               for note in getattr(o.report.verification, "notes", ())))
+    if bench is not None:
+        _bench_folded(bench, [o for o in outcomes if o.error is None])
+    if several:
+        _emit_many(args, outcomes, seconds)
+    elif outcomes[0].report is not None:
+        _emit_one(args, outcomes[0].report)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            print(f"bnfold: error: {with_flag(outcome.error).one_line()}", file=sys.stderr)
+    return max(o.exit_code for o in outcomes)
+
+
+def _fold_jobs(args) -> list:
+    """One FoldJob per model, after every check that can refuse the whole command."""
+    from .foldcmd import FoldJob, check_targets, exclusions_per_model, find_models
     verify = verify_options_from_args(args) if args.verify else None
+    found = find_models(args.models, skip=args.out_dir)
+    shares = exclusions_per_model([source for source, _ in found], args.exclude_node)
+    jobs = [FoldJob(source, _fold_target(args, source, place), shares[source], args.dry_run,
+                    args.external_data, verify) for source, place in found]
+    check_targets(jobs, args.in_place)
+    return jobs
+
+
+def _fold_all(args, jobs, several: bool):
+    """Fold every job; return the outcomes and the wall time. The subfolders of --out-dir made for
+    the outputs are removed again if they stay empty (failed models, an interrupt). A bug while
+    folding one of several models is that model's outcome; with one model, it is reported as every
+    bug of every command is."""
+    import time
+
+    from .foldcmd import make_folders, remove_empty_folders, run_fold_jobs
+    created = make_folders(jobs) if args.out_dir and not args.dry_run else []
+    try:
+        start = time.perf_counter()
+        with _progress(len(jobs), several and sys.stderr.isatty()) as on_done:
+            outcomes = run_fold_jobs(jobs, args.jobs, on_done=on_done, raise_bugs=args.debug or not several)
+        return outcomes, time.perf_counter() - start
+    finally:
+        remove_empty_folders(created)
+
+
+def _check_fold_usage(args) -> bool:
+    """Refuse flags that cannot work together, before anything is read; return whether the command
+    folds several models (several INPUTs or a folder: one table, one JSON document for all)."""
+    for parent, given, flags in (("--verify", args.verify, args.verify_flags),
+                                 ("--bench", args.bench, args.bench_flags)):
+        orphans = given_flags(args, flags)
+        if orphans and not given:
+            raise BnfoldError(f"{orphans[0]} applies only with {parent}",
+                              note=f"add {parent}, or drop {', '.join(orphans)}")
     if args.bench and args.dry_run:
         raise BnfoldError("--bench measures the written model", note="drop --dry-run")
-    jobs = [FoldJob(path, _fold_target(args, path), tuple(args.exclude_node), args.dry_run, args.external_data,
-                    verify) for path in args.models]
-    outcomes = run_fold_jobs(jobs, args.jobs)
-    reports = [o.report if isinstance(o, VerificationFailed) else o for o in outcomes
-               if not isinstance(o, BnfoldError) or isinstance(o, VerificationFailed)]
-    for report in reports:
-        _print_notes(getattr(report.verification, "notes", ()))
-    if args.bench:
-        _bench_folded(args, [(job, o) for job, o in zip(jobs, outcomes) if not isinstance(o, BnfoldError)])
-    if reports:
-        _emit_fold_reports(args, reports)
-    errors = [o for o in outcomes if isinstance(o, BnfoldError)]
-    for error in errors:
-        print(f"bnfold: error: {with_flag(error).one_line()}", file=sys.stderr)
-    return max((e.exit_code for e in errors), default=EXIT_OK)
+    if args.jobs < 1:
+        raise BnfoldError(f"must be at least 1, not {args.jobs}", option="jobs")
+    several = len(args.models) > 1 or os.path.isdir(args.models[0])
+    if args.dry_run:
+        return several
+    if args.output and os.path.isdir(args.models[0]):
+        raise BnfoldError(f"{args.models[0]}: is a directory, and -o writes one model",
+                          note="use --out-dir DIR to fold the models below it")
+    if args.output and several:
+        raise BnfoldError("-o takes one INPUT file", note="use --out-dir DIR for several inputs or a folder")
+    if args.out_dir and not os.path.isdir(args.out_dir):
+        raise BnfoldError(f"{args.out_dir}: output folder does not exist")
+    if not (args.output or args.out_dir or args.in_place):
+        raise BnfoldError("no output given", note="use -o OUT, --out-dir DIR, --in-place or --dry-run")
+    return several
 
 
-def _bench_folded(args, folded) -> None:
-    """`fold --bench`: measure each written model against its input; the result joins the report."""
-    from .bench import bench_models, require_matplotlib, write_plot
-    try:
-        options = bench_options_from_args(args, prefix=BENCH_PREFIX)
-        if options.plot:
-            require_matplotlib()
-        for job, report in folded:
-            report.bench = bench_models(job.source, job.target, options)
-            if options.plot:
-                write_plot(report.bench, options.plot)
-    except BnfoldError as error:
-        raise with_flag(error, prefix=BENCH_PREFIX) from error
-
-
-def _fold_target(args, path: str) -> str | None:
-    """Where a folded model goes; refuse anything that would overwrite an input by accident."""
-    import os
+def _fold_target(args, source: str, place: str) -> str | None:
+    """Where a folded model goes (bnfold.foldcmd.check_targets then refuses collisions)."""
     if args.dry_run:
         return None
     if args.in_place:
-        return path
-    if args.output:
-        if len(args.models) != 1:
-            raise BnfoldError("-o takes one INPUT", note="use --out-dir DIR for several inputs")
-        target = args.output
-    elif args.out_dir:
-        if not os.path.isdir(args.out_dir):
-            raise BnfoldError(f"{args.out_dir}: output folder does not exist")
-        target = os.path.join(args.out_dir, os.path.basename(path))
-    else:
-        raise BnfoldError("no output given", note="use -o OUT, --out-dir DIR, --in-place or --dry-run")
-    if os.path.exists(target) and os.path.exists(path) and os.path.samefile(target, path):
-        raise BnfoldError(f"{target}: output is the input file", note="use --in-place to replace it")
-    return target
+        return source
+    return args.output or os.path.join(args.out_dir, place)
 
 
-def _emit_fold_reports(args, reports) -> None:
+def _bench_options(args, several: bool):
+    """`fold --bench`'s options, checked before anything is folded."""
+    from .bench import require_matplotlib
+    try:
+        options = bench_options_from_args(args, prefix=BENCH_PREFIX)
+        if options.plot and several:
+            raise BnfoldError("draws the latencies of one model", note="give one INPUT file", option="plot")
+        if options.plot:
+            require_matplotlib()
+    except BnfoldError as error:
+        raise with_flag(error, prefix=BENCH_PREFIX) from error
+    return options
+
+
+def _bench_folded(options, outcomes) -> None:
+    """`fold --bench`: measure each written model against its input; the result joins the report."""
+    from .bench import bench_models, write_plot
+    for outcome in outcomes:
+        try:
+            outcome.report.bench = bench_models(outcome.job.source, outcome.job.target, options)
+            if options.plot:
+                write_plot(outcome.report.bench, options.plot)
+        except BnfoldError as error:
+            raise with_flag(error, prefix=BENCH_PREFIX) from error
+
+
+@contextmanager
+def _progress(total: int, show: bool):
+    """A progress bar on stderr while models are folded (yields the callback each outcome goes to).
+    Refreshed by that callback only: no thread runs while worker processes are forked."""
+    if not show:
+        yield lambda outcome: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    with Progress(TextColumn("folding"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), console=Console(stderr=True), auto_refresh=False,
+                  transient=True) as progress:
+        task = progress.add_task("", total=total)
+        progress.refresh()
+        yield lambda outcome: progress.update(task, advance=1, refresh=True,
+                                              description=os.path.basename(outcome.job.source))
+
+
+def _write_report(args, document) -> None:
     import json
-    document = reports[0].to_dict() if len(reports) == 1 else {"models": [r.to_dict() for r in reports]}
     if args.report:
         from .io import write_text_atomic
         write_text_atomic(args.report, json.dumps(document, indent=2) + "\n")
+
+
+def _emit_one(args, report) -> None:
+    """One INPUT file: its report, as it always was."""
+    import json
+    _write_report(args, report.to_dict())
     if args.json:
-        print(json.dumps(document, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
         return
     from .report import summary_table
     console = _console()
-    for report in reports:
-        verb = "would fold" if args.dry_run else "folded"
-        console.print(f"{report.model}: {verb} {report.folded} of {report.total} BatchNormalization",
-                      highlight=False, soft_wrap=True)
-        console.print(summary_table(report))
-        if report.verification is not None:
-            from .verify_render import print_report
-            print_report(report.verification, file=sys.stdout)
-        if report.bench is not None:
-            from .bench import render_table
-            render_table(report.bench, file=sys.stdout)
+    verb = "would fold" if args.dry_run else "folded"
+    console.print(f"{report.model}: {verb} {report.folded} of {report.total} BatchNormalization",
+                  highlight=False, soft_wrap=True)
+    console.print(summary_table(report))
+    _print_checks(report)
+
+
+def _emit_many(args, outcomes, seconds: float) -> None:
+    """Several models: one table (or one JSON document), then the verify reports that failed and the
+    bench tables."""
+    import json
+
+    from .foldcmd import models_document
+    from .report import models_table
+    document = models_document(outcomes, seconds, args.jobs)
+    _write_report(args, document)
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return
+    console = _console()
+    console.print(models_table(document["models"]))
+    summary = document["summary"]
+    verb = "would fold" if args.dry_run else "folded"
+    console.print(f"{summary['models']} models, {summary['failed']} failed: {verb} {summary['folded']} of "
+                  f"{summary['batchnorm_total']} BatchNormalization in {summary['seconds']:.2f} s "
+                  f"(--jobs {args.jobs})", highlight=False, soft_wrap=True)
+    for outcome in outcomes:
+        report = outcome.report
+        if report is not None and (report.bench is not None or (report.verification is not None
+                                                                and not report.verification)):
+            console.print(f"{report.model}:", highlight=False, soft_wrap=True)
+            _print_checks(report)
+
+
+def _print_checks(report) -> None:
+    if report.verification is not None:
+        from .verify_render import print_report
+        print_report(report.verification, file=sys.stdout)
+    if report.bench is not None:
+        from .bench import render_table
+        render_table(report.bench, file=sys.stdout)
 
 
 # ------------------------------------------------------------------------------------------- inspect
@@ -285,14 +399,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; turn every error into a one-line message and an exit code."""
-    parser = build_parser()
+    """Run one subcommand; turn every error into a one-line message and an exit code. SIGINT and
+    SIGTERM end it through every finally block (no temporary file is left): exit 130 and 143. A
+    reader of stdout that went away ends it quietly: exit 141, as a unix tool that SIGPIPE ends."""
     try:
-        args = parser.parse_args(argv)
+        with interrupts_raise():
+            code = _run(argv)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse: --help/--version exit 0, usage errors exit 2
         return int(exc.code or 0)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise
+    except SystemExit as exc:  # rich's consoles end so when stdout is closed: the same as above
+        if isinstance(exc.__context__, BrokenPipeError):
+            raise exc.__context__ from None
+        raise
     except BnfoldError as exc:
         if args.debug:
             raise
@@ -300,13 +432,27 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("bnfold: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("bnfold: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as exc:  # a bug in bnfold: still one line unless --debug
         if args.debug:
             raise
         print(f"bnfold: internal error: {type(exc).__name__}: {exc}. Note: rerun with --debug "
               "for the traceback and report it.", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what is still buffered does
+    not fail a second time (see the Python docs on SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (captured): nothing will flush it
+        pass
 
 
 def _version() -> str:

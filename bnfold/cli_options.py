@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import fields
 
 from .bench import DEFAULT_SECONDS, MAX_PAIRS, MIN_PAIRS, PLOT_HINT, BenchOptions
 from .errors import BnfoldError
@@ -51,24 +52,33 @@ def shape_defaults_hint(note: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- verify
-def add_verify_arguments(parser) -> None:
-    """The input and tolerance flags `verify` and `fold --verify` share."""
-    parser.add_argument("--inputs", metavar="FILE.npz|DIR",
-                        help="input values: one .npz (keys: input names) or a folder of them, one "
-                             "sample each (default: seeded random inputs)")
-    parser.add_argument("--shape", action="append", default=[], metavar="NAME=DxDx...",
-                        help="concrete shape of an input with symbolic dims (repeatable; 'x' or 'X' "
-                             "between dims, NAME= for a scalar); default: a symbolic dim 0 is tried at "
-                             f"{' and '.join(map(str, BATCHES))}, any other symbolic dim is {OTHER_DIM}")
-    parser.add_argument("--samples", type=int, metavar="N",
-                        help="random input samples per batch size (default 1)")
-    parser.add_argument("--seed", type=int, metavar="S", help="seed of the random inputs (default 0)")
-    parser.add_argument("--atol", type=_tolerance, metavar="A",
-                        help="absolute tolerance for every output dtype (default: per dtype)")
-    parser.add_argument("--rtol", type=_tolerance, metavar="R",
-                        help="relative tolerance for every output dtype (default: per dtype)")
-    parser.add_argument("--provider", metavar="P",
-                        help="onnxruntime execution provider, e.g. cuda (default: CPU)")
+def add_verify_arguments(parser) -> tuple[argparse.Action, ...]:
+    """The input and tolerance flags `verify` and `fold --verify` share. Every default is None, so
+    :func:`given_flags` can tell which were given; returns the actions added."""
+    return (
+        parser.add_argument("--inputs", metavar="FILE.npz|DIR",
+                            help="input values: one .npz (keys: input names) or a folder of them, one "
+                                 "sample each (default: seeded random inputs)"),
+        parser.add_argument("--shape", action="append", metavar="NAME=DxDx...",
+                            help="concrete shape of an input with symbolic dims (repeatable; 'x' or 'X' "
+                                 "between dims, NAME= for a scalar); default: a symbolic dim 0 is tried at "
+                                 f"{' and '.join(map(str, BATCHES))}, any other symbolic dim is {OTHER_DIM}"),
+        parser.add_argument("--samples", type=int, metavar="N",
+                            help="random input samples per batch size (default 1)"),
+        parser.add_argument("--seed", type=int, metavar="S", help="seed of the random inputs (default 0)"),
+        parser.add_argument("--atol", type=_tolerance, metavar="A",
+                            help="absolute tolerance for every output dtype (default: per dtype)"),
+        parser.add_argument("--rtol", type=_tolerance, metavar="R",
+                            help="relative tolerance for every output dtype (default: per dtype)"),
+        parser.add_argument("--provider", metavar="P",
+                            help="onnxruntime execution provider, e.g. cuda (default: CPU)"),
+    )
+
+
+def given_flags(args, actions) -> list[str]:
+    """The flags among `actions` (as add_verify_arguments / add_bench_arguments return them) that the
+    command line gave: their defaults are None, so a given flag is one whose value is not."""
+    return [action.option_strings[0] for action in actions if getattr(args, action.dest) is not None]
 
 
 def _tolerance(text: str) -> float:
@@ -100,53 +110,55 @@ def _shapes(texts) -> dict[str, tuple[int, ...]]:
 
 
 # --------------------------------------------------------------------------------------------- bench
-def add_bench_arguments(parser, prefix: str = "") -> None:
-    """Add the measurement options to an argparse parser.
+def add_bench_arguments(parser, prefix: str = "") -> tuple[argparse.Action, ...]:
+    """Add the measurement options to an argparse parser; returns the actions added.
 
     `prefix="bench-"` names them `--bench-runs`, `--bench-level`, ... so a command with options of its
     own (`fold --bench`) can take them without clashes; :func:`bench_options_from_args` reads them back.
+    Each flag's value lands in the BenchOptions field of its name (prefixed); every argparse default
+    is None (so :func:`given_flags` can tell which were given): the defaults are BenchOptions' own,
+    filled in by bench_options_from_args.
     """
     d = BenchOptions()
-    opt = f"--{prefix}"
-    parser.add_argument(f"{opt}level", default=",".join(d.levels), metavar="LEVELS",
-                        help=f"comma-separated onnxruntime optimization levels out of "
-                             f"{', '.join(LEVELS)} (default: %(default)s)")
-    parser.add_argument(f"{opt}threads", type=int, default=d.threads, metavar="N",
-                        help="intra-op threads per session (default: %(default)s, for stable figures)")
-    parser.add_argument(f"{opt}batch", type=int, default=d.batch, metavar="N",
-                        help="size of a symbolic first dimension (default: %(default)s); other "
-                             f"symbolic dimensions are {OTHER_DIM} unless --{prefix}shape says")
-    parser.add_argument(f"{opt}shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                        help="the shape of one input (repeatable; 'x' or 'X' between dims, NAME= for "
-                             "a scalar)")
-    parser.add_argument(f"{opt}provider", default=d.provider, metavar="P",
-                        help="onnxruntime execution provider (default: %(default)s)")
-    parser.add_argument(f"{opt}warmup", type=int, default=d.warmup, metavar="N",
-                        help="untimed pairs of runs first (default: %(default)s)")
+    opt, key = f"--{prefix}", prefix.replace("-", "_")
+    add = parser.add_argument
     amount = parser.add_mutually_exclusive_group()
-    amount.add_argument(f"{opt}runs", type=int, metavar="N", help="timed pairs of runs per level")
-    amount.add_argument(f"{opt}seconds", type=float, metavar="S",
-                        help=f"time budget per level (default: {DEFAULT_SECONDS:g} s, at least "
-                             f"{MIN_PAIRS} and at most {MAX_PAIRS} pairs)")
-    parser.add_argument(f"{opt}creations", type=int, default=d.creations, metavar="N",
-                        help="session creations timed per model and level (default: %(default)s)")
-    parser.add_argument(f"{opt}seed", type=int, default=d.seed, metavar="S",
-                        help="seed of the inputs and of the bootstrap (default: %(default)s)")
-    parser.add_argument(f"{opt}plot", metavar="FILE.png",
-                        help=f"write latency histograms per level (needs matplotlib: {PLOT_HINT})")
+    return (
+        add(f"{opt}level", dest=f"{key}levels", metavar="LEVELS",
+            help=f"comma-separated onnxruntime optimization levels out of {', '.join(LEVELS)} "
+                 f"(default: {','.join(d.levels)})"),
+        add(f"{opt}threads", type=int, metavar="N",
+            help=f"intra-op threads per session (default: {d.threads}, for stable figures)"),
+        add(f"{opt}batch", type=int, metavar="N",
+            help=f"size of a symbolic first dimension (default: {d.batch}); other symbolic dimensions "
+                 f"are {OTHER_DIM} unless --{prefix}shape says"),
+        add(f"{opt}shape", dest=f"{key}shapes", action="append", metavar="NAME=1x3x224x224",
+            help="the shape of one input (repeatable; 'x' or 'X' between dims, NAME= for a scalar)"),
+        add(f"{opt}provider", metavar="P", help=f"onnxruntime execution provider (default: {d.provider})"),
+        add(f"{opt}warmup", type=int, metavar="N", help=f"untimed pairs of runs first (default: {d.warmup})"),
+        amount.add_argument(f"{opt}runs", type=int, metavar="N", help="timed pairs of runs per level"),
+        amount.add_argument(f"{opt}seconds", type=float, metavar="S",
+                            help=f"time budget per level (default: {DEFAULT_SECONDS:g} s, at least "
+                                 f"{MIN_PAIRS} and at most {MAX_PAIRS} pairs)"),
+        add(f"{opt}creations", type=int, metavar="N",
+            help=f"session creations timed per model and level (default: {d.creations})"),
+        add(f"{opt}seed", type=int, metavar="S",
+            help=f"seed of the inputs and of the bootstrap (default: {d.seed})"),
+        add(f"{opt}plot", metavar="FILE.png",
+            help=f"write latency histograms per level (needs matplotlib: {PLOT_HINT})"),
+    )
 
 
 def bench_options_from_args(args, prefix: str = "") -> BenchOptions:
-    """The BenchOptions that :func:`add_bench_arguments` (same prefix) parsed; validated."""
+    """The BenchOptions that :func:`add_bench_arguments` (same prefix) parsed, BenchOptions' defaults
+    where no flag was given; validated."""
     key = prefix.replace("-", "_")
-
-    def get(name):
-        return getattr(args, key + name)
-
-    options = BenchOptions(
-        levels=tuple(part.strip() for part in get("level").split(",") if part.strip()),
-        threads=get("threads"), batch=get("batch"), shapes=_shapes(get("shape")),
-        provider=get("provider"), warmup=get("warmup"), runs=get("runs"), seconds=get("seconds"),
-        creations=get("creations"), seed=get("seed"), plot=get("plot"))
+    given = {f.name: getattr(args, key + f.name) for f in fields(BenchOptions)
+             if getattr(args, key + f.name, None) is not None}
+    if "levels" in given:
+        given["levels"] = tuple(part.strip() for part in given["levels"].split(",") if part.strip())
+    if "shapes" in given:
+        given["shapes"] = _shapes(given["shapes"])
+    options = BenchOptions(**given)
     options.validate()
     return options

@@ -11,6 +11,11 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1  # outputs differ, or `--verify` rejected a fold
 EXIT_USAGE = 2  # bad usage or bad input
+EXIT_INTERNAL = 3  # a bug in bnfold
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt is for SIGINT, so that finally blocks run."""
 
 
 class BnfoldError(Exception):

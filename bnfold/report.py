@@ -11,7 +11,8 @@ from .graph import all_graphs
 from .passes.base import Decision, PassResult
 from .reasons import MEANINGS
 
-__all__ = ["Decision", "FoldReport", "decisions_table", "op_counts", "passes_table", "summary_table"]
+__all__ = ["Decision", "FoldReport", "decisions_table", "models_table", "op_counts", "passes_table",
+           "summary_table"]
 
 BN_FOLD_PASS = "fold-batchnorm"
 
@@ -113,4 +114,19 @@ def passes_table(report: FoldReport):
         for reason, ops in sorted(by_reason.items()):
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
             table.add_row(result.name, reason, str(sum(ops.values())), listed)
+    return table
+
+
+def models_table(entries: list[dict]):
+    """A rich table with one row per model of a run over several (the entries of its JSON document):
+    status, BNs, folded, left by reason, verify result, time."""
+    table = _table("model", "status", "BN", "folded", "left", "verify", "seconds")
+    for column in table.columns[2:4] + table.columns[6:]:
+        column.justify = "right"
+    for entry in entries:
+        verification = entry.get("verification")
+        verdict = "-" if verification is None else ("pass" if verification["passed"] else "FAIL")
+        left = ", ".join(f"{reason}: {count}" for reason, count in entry.get("left_by_reason", {}).items())
+        counts = [str(entry[key]) if key in entry else "-" for key in ("batchnorm_total", "folded")]
+        table.add_row(entry["model"], entry["status"], *counts, left or "-", verdict, f"{entry['seconds']:.2f}")
     return table

@@ -263,3 +263,40 @@ def test_errors_survive_the_trip_between_processes():
     assert (error.message, error.note, error.exit_code) == ("bad", "fix it", 2)
     failed = pickle.loads(pickle.dumps(VerificationFailed(FoldReport(model="m.onnx"))))
     assert failed.exit_code == 1 and failed.report.model == "m.onnx"
+    from bnfold.foldcmd import FoldJob, FoldOutcome
+    outcome = FoldOutcome(FoldJob("m.onnx", "out/m.onnx"), failed.report, failed, 0.5)
+    back = pickle.loads(pickle.dumps(outcome))
+    assert (back.job, back.report.model, back.exit_code, back.seconds) == (outcome.job, "m.onnx", 1, 0.5)
+
+
+@pytest.mark.parametrize("arguments", [["inspect", "--json", "sample_models/resnet50_small.onnx"],
+                                       ["inspect", "sample_models/resnet50_small.onnx"],
+                                       ["fold", "sample_models", "--dry-run"]],
+                         ids=["json", "rich table", "folder summary"])
+def test_a_reader_that_goes_away_ends_the_command_quietly(arguments):
+    """`bnfold ... | head -1`: stdout closes early; bnfold exits 141 (128 + SIGPIPE, as a unix tool
+    that SIGPIPE ends) and says nothing, not an internal error. The read end is closed before the
+    child writes, so every write fails."""
+    child = subprocess.Popen([sys.executable, "-m", "bnfold", *arguments], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read()
+    assert (child.wait(), err) == (141, b"")
+
+
+def test_a_bug_folding_one_file_is_reported_as_inspect_reports_it(model_file, tmp_path, capsys, monkeypatch):
+    """One INPUT file: a bug is the command's internal error (exit 3), in the same words as inspect's;
+    only over several models does it become one model's outcome (tests/test_cli_folder.py)."""
+    import bnfold.fold
+    import bnfold.foldcmd
+
+    def buggy(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(bnfold.foldcmd, "fold_file", buggy)
+    monkeypatch.setattr(bnfold.fold, "fold_file", buggy)
+    lines = []
+    for command in (["fold", str(model_file), "-o", str(tmp_path / "o.onnx")], ["inspect", str(model_file)]):
+        assert main(command) == 3
+        lines.append(capsys.readouterr().err)
+    assert lines[0] == lines[1] == ("bnfold: internal error: RuntimeError: a bug. Note: rerun with --debug for "
+                                    "the traceback and report it.\n")

@@ -45,9 +45,14 @@ class FoldBatchNorm(Pass):
         return result
 
 
+def batchnorm_names(model: onnx.ModelProto) -> set[str]:
+    """The names of the BatchNormalization nodes of every graph: what --exclude-node can name. Needs
+    no weights, so the CLI checks its names against a model's skeleton before folding anything."""
+    return {n.name for g in all_graphs(model.graph) for n in g.node if is_batchnorm(n)}
+
+
 def _check_excluded_exist(model: onnx.ModelProto, excluded: frozenset[str]) -> None:
-    names = {n.name for g in all_graphs(model.graph) for n in g.node if is_batchnorm(n)}
-    unknown = sorted(excluded - names)
+    unknown = sorted(excluded - batchnorm_names(model))
     if unknown:
         raise BnfoldError(f"{unknown[0]}: no BatchNormalization node has that name",
                           note="`bnfold inspect MODEL` lists their names", option="exclude_nodes")
