@@ -10,6 +10,8 @@ and maps the bias through the same affine: ``W' = scale * W``, ``b' = scale * b 
 into the linear op behind it (``z = W (scale * x + shift) + b``) scales each *input* channel of W and
 moves ``W shift`` into the bias. Everything is computed in float64; the weights are rounded once to
 `out_dtype` (float64 unless the caller asks for the weight's own dtype), the biases returned in float64.
+Weights are worked on a block of rows (or columns) at a time, so no fold holds a float64 copy of a
+whole weight.
 """
 
 from __future__ import annotations
@@ -93,22 +95,48 @@ def _compact_bias(bias: np.ndarray) -> np.ndarray:
     return bias
 
 
-def fold_before_conv(weight, bias, scale, shift, groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """BN then Conv without padding: conv(scale*x + shift) = conv'(x) + sum(W * shift). Input channel
-    c of W [M, C/g, k...] is channel (m // (M/g)) * (C/g) + c of the BN, for output channel m."""
-    weight = np.asarray(weight, dtype=np.float64)
+def _blocks(count: int, per_item: int):
+    """Slices over `count` items of `per_item` elements each, `_BLOCK_ELEMENTS` elements (at least
+    one item) a slice: the bound on float64 working memory."""
+    step = max(1, _BLOCK_ELEMENTS // max(1, per_item))
+    return (slice(start, start + step) for start in range(0, count, step))
+
+
+def fold_before_conv(weight, bias, scale, shift, groups: int,
+                     out_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """BN then a Conv that reads no padding: conv(scale*x + shift) = conv'(x) + sum(W * shift). Input
+    channel c of W [M, C/g, k...] is channel (m // (M/g)) * (C/g) + c of the BN, for output channel m.
+    Formed a block of output channels at a time: each channel's sums are the same whatever the block."""
+    weight = np.asarray(weight)
     m, c_per_group = weight.shape[0], weight.shape[1]
     group_of = np.arange(m) // (m // groups)
-    channel = group_of[:, None] * c_per_group + np.arange(c_per_group)[None, :]  # [M, C/g]
     extra = (1,) * (weight.ndim - 2)
-    new_weight = weight * scale[channel].reshape(m, c_per_group, *extra)
     spatial = tuple(range(2, weight.ndim))
+    new_weight = np.empty(weight.shape, dtype=out_dtype)
+    response = np.empty(m)
+    for rows in _blocks(m, int(np.prod(weight.shape[1:]))):
+        channel = group_of[rows, None] * c_per_group + np.arange(c_per_group)  # [rows, C/g]
+        block = weight[rows].astype(np.float64)
+        response[rows] = (block.sum(axis=spatial) * shift[channel]).sum(axis=1)
+        block *= scale[channel].reshape(*channel.shape, *extra)
+        with np.errstate(over="ignore"):  # an overflowing cast is refused by the caller (cast_checked)
+            new_weight[rows] = block
     bias = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
-    return new_weight, bias + (weight.sum(axis=spatial) * shift[channel]).sum(axis=1)
+    return new_weight, bias + response
 
 
-def fold_before_matmul(weight, bias, scale, shift) -> tuple[np.ndarray, np.ndarray]:
-    """BN over K then X [M,K] @ W [K,N] (+ bias): (scale*x + shift) @ W = x @ (scale W) + shift @ W."""
-    weight = np.asarray(weight, dtype=np.float64)
-    bias_term = 0.0 if bias is None else np.asarray(bias, dtype=np.float64)
-    return weight * scale[:, None], bias_term + shift @ weight
+def fold_before_matmul(weight, scale, shift, out_dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """BN over K then X [M,K] @ W [K,N]: (scale*x + shift) @ W = x @ (scale W) + shift @ W, returned
+    as (scale W, shift @ W). Formed a block of columns at a time; each column of shift @ W is one
+    pairwise sum over K, the same bits whatever the block (BLAS's would not be). The scaled weight
+    keeps W's memory layout (W may be a transposed view)."""
+    weight = np.asarray(weight)
+    new_weight = np.empty_like(weight, dtype=np.dtype(out_dtype))  # None is float64, as for np.empty
+    response = np.empty(weight.shape[1])
+    for cols in _blocks(weight.shape[1], weight.shape[0]):
+        block = weight[:, cols].T.astype(np.float64, order="C")  # [columns, K]: each sum along a row
+        response[cols] = (block * shift).sum(axis=1)
+        block *= scale
+        with np.errstate(over="ignore"):
+            new_weight[:, cols] = block.T
+    return new_weight, response

@@ -4,7 +4,10 @@ Each fold function is checked on shapes where a wrong axis, group, transpose or 
 O(1) error; the loops below are the definitions in the module docstring written out per element.
 """
 
+import tracemalloc
 import warnings
+
+import ml_dtypes
 
 import numpy as np
 import pytest
@@ -180,18 +183,156 @@ def test_fold_before_conv_1d():
     np.testing.assert_array_equal(new_b, [3.0, -0.25])
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_fold_before_matmul_is_matmul_of_bn(with_bias):
+def test_fold_before_matmul_is_matmul_of_bn():
     rng = np.random.default_rng(7)
     k, n = 4, 3
     weight = rng.normal(0, 1, (k, n)).astype(np.float32)
-    bias = rng.normal(0, 1, n) if with_bias else None
     scale, shift = _affine(rng, k)
-    new_w, new_b = bm.fold_before_matmul(weight, bias, scale, shift)
+    new_w, new_b = bm.fold_before_matmul(weight, scale, shift)
     x = rng.normal(0, 1, (5, k))
-    expected = (x * scale + shift) @ weight.astype(np.float64) + (bias if with_bias else 0.0)
+    expected = (x * scale + shift) @ weight.astype(np.float64)
     np.testing.assert_allclose(x @ new_w + new_b, expected, rtol=1e-12, atol=1e-12)
-    assert new_w.dtype == np.float64
+    assert new_w.dtype == new_b.dtype == np.float64
+
+
+# ------------------------------------------------- folds into the op after a BN: bounded, block by block
+def _full_copy_fold_before_conv(weight, bias, scale, shift, groups):
+    """fold_before_conv as it was, on a full float64 copy of the weight: the bits to keep."""
+    weight = np.asarray(weight, dtype=np.float64)
+    m, c_per_group = weight.shape[0], weight.shape[1]
+    group_of = np.arange(m) // (m // groups)
+    channel = group_of[:, None] * c_per_group + np.arange(c_per_group)[None, :]
+    extra = (1,) * (weight.ndim - 2)
+    new_weight = weight * scale[channel].reshape(m, c_per_group, *extra)
+    spatial = tuple(range(2, weight.ndim))
+    bias = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64)
+    return new_weight, bias + (weight.sum(axis=spatial) * shift[channel]).sum(axis=1)
+
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]
+
+
+def _conv_case(rng, dtype, groups, kernel, m_per_group=5, c_per_group=3, transposed_view=False):
+    weight = rng.normal(0, 1, (groups * m_per_group, c_per_group, *kernel)).astype(dtype)
+    if transposed_view:  # a non-contiguous view: the block copies must keep its axis order
+        weight = np.swapaxes(weight, -1, -2)
+    scale, shift = _affine(rng, groups * c_per_group)
+    return weight, rng.normal(0, 1, weight.shape[0]), scale, shift
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("block", [1, 7, 50, 1 << 14])
+@pytest.mark.parametrize("groups,kernel,transposed_view", [(1, (3, 3), False), (2, (2, 5), True), (3, (4,), False),
+                                                           (1, (2, 2, 3), False), (2, (1, 1), False)])
+def test_fold_before_conv_is_bit_identical_to_the_full_copy(monkeypatch, dtype, block, groups, kernel,
+                                                              transposed_view):
+    """Blocks of one output channel up to the whole weight: the same bits as the full float64 copy, the
+    weights rounded once to `out_dtype` exactly as casting the float64 result would."""
+    monkeypatch.setattr(bm, "_BLOCK_ELEMENTS", block)
+    weight, bias, scale, shift = _conv_case(np.random.default_rng(block), dtype, groups, kernel,
+                                            transposed_view=transposed_view)
+    expected_w, expected_b = _full_copy_fold_before_conv(weight, bias, scale, shift, groups)
+    for out_dtype in (dtype, np.float64):
+        new_w, new_b = bm.fold_before_conv(weight, bias, scale, shift, groups, out_dtype)
+        assert new_w.dtype == out_dtype and new_w.shape == weight.shape
+        np.testing.assert_array_equal(new_w, expected_w.astype(out_dtype), strict=True)
+        np.testing.assert_array_equal(new_b, expected_b, strict=True)
+
+
+def _full_copy_fold_before_matmul(weight, scale, shift):
+    """fold_before_matmul as it was (the weight half is kept bit for bit; see the response test)."""
+    weight = np.asarray(weight, dtype=np.float64)
+    return weight * scale[:, None], shift @ weight
+
+
+def _pairwise_columns(weight, shift):
+    """Each column of shift @ W as numpy's own sum of a contiguous float64 vector (pairwise)."""
+    return np.array([(np.ascontiguousarray(weight[:, j], dtype=np.float64) * shift).sum()
+                     for j in range(weight.shape[1])])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("block", [1, 200, 1 << 14])
+@pytest.mark.parametrize("transposed", [False, True], ids=["KxN", "view of NxK"])
+def test_fold_before_matmul_blocks(monkeypatch, dtype, block, transposed):
+    """The scaled weight is the full copy's, bit for bit, in W's own layout. The response is each
+    column's pairwise sum, identical at every block size; BLAS's `shift @ W` (the full copy's) sums in
+    an order that depends on the matrix's width, so it is matched to float64 rounding only."""
+    monkeypatch.setattr(bm, "_BLOCK_ELEMENTS", block)
+    rng = np.random.default_rng(block)
+    k, n = 300, 13
+    weight = rng.normal(0, 1, (n, k) if transposed else (k, n)).astype(dtype)
+    weight = weight.T if transposed else weight
+    scale, shift = _affine(rng, k)
+    expected_w, blas_response = _full_copy_fold_before_matmul(weight, scale, shift)
+    new_w, response = bm.fold_before_matmul(weight, scale, shift, dtype)
+    assert new_w.dtype == dtype and new_w.flags.f_contiguous == transposed
+    np.testing.assert_array_equal(new_w, expected_w.astype(dtype), strict=True)
+    np.testing.assert_array_equal(response, _pairwise_columns(weight, shift), strict=True)
+    magnitude = np.abs(weight.astype(np.float64)).T @ np.abs(shift)
+    assert (np.abs(response - blas_response) <= 1e-14 * magnitude).all()
+    np.testing.assert_array_equal(bm.fold_before_matmul(weight, scale, shift)[0], expected_w, strict=True)
+
+
+def test_fold_before_matmul_response_beyond_numpy_buffer():
+    """K longer than numpy's 8192-element buffer: still one pairwise sum per column."""
+    rng = np.random.default_rng(11)
+    weight = rng.normal(0, 1, (20001, 3)).astype(np.float32)
+    scale, shift = _affine(rng, 20001)
+    _, response = bm.fold_before_matmul(weight, scale, shift)
+    np.testing.assert_array_equal(response, _pairwise_columns(weight, shift))
+
+
+@pytest.mark.parametrize("fold,shape", [("conv", (256, 256, 4, 8)), ("matmul", (2048, 1024)),
+                                        ("matmul", (1 << 17, 16))], ids=str)
+def test_folds_before_use_bounded_float64_memory(fold, shape):
+    """tracemalloc sees numpy's buffers: beyond the float32 result, the peak is a few float64 blocks of
+    2**14 elements, or of one item (output channel, column) when an item is larger, far below the
+    float64 copy of the weight (16 MiB here) that the full copy held."""
+    rng = np.random.default_rng(12)
+    weight = rng.normal(0, 1, shape).astype(np.float32)
+    if fold == "conv":
+        run, args, item = bm.fold_before_conv, (weight, None, *_affine(rng, shape[1]), 1, np.float32), weight[0].size
+    else:
+        run, args, item = bm.fold_before_matmul, (weight, *_affine(rng, shape[0]), np.float32), shape[0]
+    tracemalloc.start()
+    try:
+        new_w, _ = run(*args)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert new_w.dtype == np.float32
+    assert peak - new_w.nbytes < 4 * 8 * max(bm._BLOCK_ELEMENTS, item) < weight.size * 8 / 2
+
+
+@pytest.mark.parametrize("count,per_item,expected", [
+    (10, 4096, [(0, 4), (4, 8), (8, 12)]),   # 4 items of 4096 elements make a block of 2**14
+    (3, 1 << 15, [(0, 1), (1, 2), (2, 3)]),  # an item larger than a block is a block of its own
+    (5, 1, [(0, 1 << 14)]),                  # items of 1 element (or 0: an empty column)
+    (5, 0, [(0, 1 << 14)]),
+    (0, 7, []),
+])
+def test_blocks_cover_every_item_once_within_the_bound(count, per_item, expected):
+    assert [(b.start, b.stop) for b in bm._blocks(count, per_item)] == expected
+
+
+@pytest.mark.parametrize("fold", ["conv", "matmul"])
+def test_folds_before_overflow_gives_inf_silently(fold):
+    """As scale_rows: an overflowing rounding is the caller's to refuse (cast_checked), not a warning."""
+    weight = np.array([[[60000.0, 1.0]]], np.float16) if fold == "conv" else np.array([[60000.0, 1.0]], np.float16)
+    scale, shift = np.array([2.0]), np.array([0.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if fold == "conv":
+            new_w, _ = bm.fold_before_conv(weight, None, scale, shift, 1, np.float16)
+        else:
+            new_w, _ = bm.fold_before_matmul(weight, scale, shift, np.float16)
+    assert np.isinf(new_w.reshape(-1)[0]) and new_w.reshape(-1)[1] == 2.0
+
+
+def test_fold_before_conv_of_an_empty_weight():
+    new_w, new_b = bm.fold_before_conv(np.zeros((0, 2, 3), np.float32), None, np.ones(2), np.ones(2), 1, np.float32)
+    assert new_w.shape == (0, 2, 3) and new_b.shape == (0,)
 
 
 # ------------------------------------------------------------------ dtype contract (mutation testing)

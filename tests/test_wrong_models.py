@@ -180,11 +180,11 @@ def test_bn_before_unpadded_conv_folds(rng, attrs):
 
 
 def test_bn_before_conv_same_1x1_stride2_is_exact_either_way(rng):
-    """SAME with a 1x1 kernel never pads, whatever the stride: bnfold refuses it (conservatively) today;
-    whatever it decides, the function must not change."""
+    """SAME with a 1x1 kernel never pads, whatever the stride: the BN folds and the function does not
+    change."""
     model = bn_then(rng, "Conv", x_shape=[2, 4, 7, 7], attrs={"auto_pad": "SAME_UPPER", "strides": [2, 2]})
     folded, report = bnfold.fold_model(model)
-    assert report.decisions[0].reason in ("padding-prevents-fold", "folded")
+    assert report.decisions[0].reason == "folded"
     feeds = random_feeds(model, seed=3)
     assert_close(run_ort(model, feeds), run_ort(folded, feeds), 1e-5, 1e-4)
 

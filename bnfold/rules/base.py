@@ -13,24 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 import onnx
 
 from ..batchnorm import attribute, declared_extra_outputs, training_mode_refusal
 from ..constants import NotConstant
+from ..dtypes import numpy_dtype
 from ..graph import GraphIndex
 from ..math import bn_scale_shift
 from ..reasons import (BN_EXTRA_OUTPUTS_USED, CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED,
                        INVALID_STATISTICS, NEIGHBOUR_HAS_OTHER_CONSUMERS, NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT,
                        NON_SPATIAL_BN, RANK_UNKNOWN, WEIGHTS_NOT_CONSTANT)
 
-FOLDABLE_DTYPES = {
-    onnx.TensorProto.FLOAT: np.dtype(np.float32),
-    onnx.TensorProto.FLOAT16: np.dtype(np.float16),
-    onnx.TensorProto.DOUBLE: np.dtype(np.float64),
-    onnx.TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
-}
+FOLDABLE_DTYPES = {t: numpy_dtype(t) for t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
 
 __all__ = ["FOLDABLE_DTYPES", "FoldRule", "Match", "Plan", "Refusal", "absorb_into_consumer",
            "absorb_into_producer", "attribute", "bn_affine", "bn_mode_refusal", "cast_checked", "constant",

@@ -1,8 +1,11 @@
 """BN before Conv, Gemm or MatMul (pre-activation blocks): fold forward into the consumer.
 
 ``W (scale * x + shift) + b = (W scale) x + (W shift + b)``: each *input* channel of W is scaled and
-W's response to the constant shift joins the bias. For Conv this is exact only without padding: a
-padded border sees zeros where the BN would have produced ``shift``, so any non-zero pad is refused.
+W's response to the constant shift joins the bias. For Conv this is exact only if no output reads a
+padded element, which holds 0 where the BN would have produced ``shift``. Explicit pads must all be 0
+(VALID pads nothing). SAME pads an axis of size n by max(0, (ceil(n / s) - 1) * s + (k - 1) * d + 1 - n)
+in all (ONNX Conv; stride s, kernel k, dilation d), and the first or last output reads any padding it
+adds; that is 0 at every size when (k - 1) * d = 0 (a 1x1 kernel, any stride), otherwise n must be known.
 For Gemm the BN's channel axis must be A's axis 1 with transA = 0 (the reduced axis K); for MatMul the
 BN's input must be 2-D (its channel axis 1 is then the reduced axis). Conditions: the BN's output is
 read by the consumer only, as its data input (input 0), and is not a graph output.
@@ -22,7 +25,7 @@ from .base import (FoldRule, Match, Plan, Refusal, absorb_into_consumer, attribu
 
 
 class BNThenConv(FoldRule):
-    """BN -> Conv with no padding (any group count, stride, dilation)."""
+    """BN -> Conv that reads no padding (any group count, stride, dilation)."""
     name = "bn-conv"
     summary = "scaled its input channels and added W * shift to its bias"
 
@@ -36,10 +39,10 @@ class BNThenConv(FoldRule):
         weight = constant(index, conv.input[1], "Conv weight")
         bias = optional_constant(index, conv, 2, "Conv bias")
         dtype = weight_dtype(weight, "Conv weight")
-        _check_no_padding(conv, weight)
+        _check_no_padding(conv, weight, index)
         groups = int(attribute(conv, "group", 1))
         scale, shift = bn_affine(bn, index, weight.shape[1] * groups)
-        new_weight, new_bias = fold_before_conv(weight, bias, scale, shift, groups)
+        new_weight, new_bias = fold_before_conv(weight, bias, scale, shift, groups, dtype)
         return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_bias, dtype, "biases")})
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
@@ -48,17 +51,44 @@ class BNThenConv(FoldRule):
         absorb_into_consumer(index, bn, conv)
 
 
-def _check_no_padding(conv: onnx.NodeProto, weight: np.ndarray) -> None:
+def _check_no_padding(conv: onnx.NodeProto, weight: np.ndarray, index: GraphIndex) -> None:
+    """Refuse a Conv that pads its input: the padding would read 0, not the BN's shift."""
     auto_pad = attribute(conv, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     pads = attribute(conv, "pads", [])
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        kernel = attribute(conv, "kernel_shape", list(weight.shape[2:]))
-        strides = attribute(conv, "strides", [1] * len(kernel))
-        if any(k != 1 for k in kernel) or any(s != 1 for s in strides):
-            raise Refusal(PADDING_PREVENTS_FOLD, f"auto_pad={auto_pad} pads the BN's output with zeros")
+        _check_same_pads_nothing(conv, weight, index, auto_pad)
     elif auto_pad == "NOTSET" and any(p != 0 for p in pads):
         raise Refusal(PADDING_PREVENTS_FOLD, f"Conv pads {list(pads)}: the border would see 0, not the BN's shift")
+
+
+def _check_same_pads_nothing(conv: onnx.NodeProto, weight: np.ndarray, index: GraphIndex, auto_pad: str) -> None:
+    """SAME pads an axis of size n by max(0, (ceil(n / s) - 1) * s + extent - n), extent = (k - 1) * d + 1:
+    0 at any size for an extent of 1, otherwise only for some sizes, so n must be known. The kernel is
+    the weight's (a kernel_shape attribute can only repeat it)."""
+    kernel = weight.shape[2:]
+    strides = attribute(conv, "strides", [1] * len(kernel))
+    dilations = attribute(conv, "dilations", [1] * len(kernel))
+    sizes = _spatial_sizes(index, conv.input[0], len(kernel))
+    for axis, (k, s, d, n) in enumerate(zip(kernel, strides, dilations, sizes)):
+        extent = (k - 1) * d + 1
+        if extent == 1:
+            continue
+        if n is None:
+            raise Refusal(PADDING_PREVENTS_FOLD, f"auto_pad={auto_pad} may pad spatial axis {axis}: its size "
+                                                 "is unknown")
+        pad = (-(-n // s) - 1) * s + extent - n
+        if pad > 0:
+            raise Refusal(PADDING_PREVENTS_FOLD, f"auto_pad={auto_pad} pads spatial axis {axis} (size {n}) by "
+                                                 f"{pad}: the border would see 0, not the BN's shift")
+
+
+def _spatial_sizes(index: GraphIndex, name: str, count: int) -> list[int | None]:
+    """The `count` spatial sizes of tensor `name` ([N, C, spatial...]), None where not known."""
+    tensor_type = index.tensor_type(name)
+    if tensor_type is None or tensor_type.shape is None or len(tensor_type.shape) != count + 2:
+        return [None] * count
+    return [n if isinstance(n, int) else None for n in tensor_type.shape[2:]]
 
 
 class BNThenLinear(FoldRule):
@@ -84,7 +114,7 @@ class BNThenLinear(FoldRule):
             raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN input has rank {rank}: its channel axis is not "
                                                  "MatMul's reduced axis")
         scale, shift = bn_affine(bn, index, weight.shape[0])
-        new_weight, new_bias = fold_before_matmul(weight, None, scale, shift)
+        new_weight, new_bias = fold_before_matmul(weight, scale, shift, dtype)
         return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"))
 
     def _gemm_plan(self, gemm, bn, index, weight, dtype) -> Plan:
@@ -96,7 +126,7 @@ class BNThenLinear(FoldRule):
         alpha, beta = float(attribute(gemm, "alpha", 1.0)), float(attribute(gemm, "beta", 1.0))
         c = optional_constant(index, gemm, 2, "Gemm C")
         c = 0.0 if c is None else c.astype(np.float64)
-        new_k_by_n, response = fold_before_matmul(k_by_n, None, scale, shift)
+        new_k_by_n, response = fold_before_matmul(k_by_n, scale, shift, dtype)
         new_c = beta * c + alpha * response
         new_c = new_c.reshape(-1) if new_c.ndim == 2 and new_c.shape[0] == 1 else new_c
         new_weight = new_k_by_n.T if trans_b else new_k_by_n

@@ -238,8 +238,34 @@ def test_same_padding_with_a_kernel_of_1_along_one_axis_only_is_refused(rng):
     """auto_pad=SAME with a 3x1 kernel pads the first spatial axis (kernel read from the weight)."""
     model = _bn_then(rng, "Conv", w_shape=(6, 4, 3, 1), attrs={"auto_pad": "SAME_UPPER"})
     decision = _decision(model)
-    assert (decision.reason, decision.detail) == ("padding-prevents-fold",
-                                                  "auto_pad=SAME_UPPER pads the BN's output with zeros")
+    assert (decision.reason, decision.detail) == (
+        "padding-prevents-fold",
+        "auto_pad=SAME_UPPER pads spatial axis 0 (size 3) by 2: the border would see 0, not the BN's shift")
+
+
+def test_same_padding_with_an_input_of_the_wrong_rank_is_refused(rng):
+    """A declared input of rank 3 for a 2-D kernel (a malformed model): its sizes prove nothing, so
+    SAME 3x3 stride 3 is refused though its size 9 alone would pad nothing."""
+    model = _bn_then(rng, "Conv", w_shape=(6, 4, 3, 3), x_shape=(2, 4, 9), attrs={"auto_pad": "SAME_UPPER",
+                                                                                 "strides": [3, 3]})
+    decision = _decision(model)
+    assert (decision.reason, decision.detail) == (
+        "padding-prevents-fold", "auto_pad=SAME_UPPER may pad spatial axis 0: its size is unknown")
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["rank unknown", "type unknown"])
+def test_same_padding_with_an_input_of_unknown_rank_is_refused(rng, typed):
+    """SAME 3x3 stride 3 pads nothing at size 9, but nothing says the size is 9: x has no shape, or the
+    BN reads the output of an op shape inference does not know (no type at all)."""
+    model = _bn_then(rng, "Conv", w_shape=(6, 4, 3, 3), x_shape=None, attrs={"auto_pad": "SAME_UPPER",
+                                                                           "strides": [3, 3]})
+    if not typed:
+        model.graph.node.insert(0, helper.make_node("Opaque", ["x"], ["x_opaque"], name="opaque", domain="custom"))
+        model.graph.node[1].input[0] = "x_opaque"
+        model.opset_import.append(helper.make_opsetid("custom", 1))
+    decision = _decision(model)
+    assert (decision.reason, decision.detail) == (
+        "padding-prevents-fold", "auto_pad=SAME_UPPER may pad spatial axis 0: its size is unknown")
 
 
 def test_explicit_pads_detail(rng):

@@ -1,4 +1,7 @@
-"""BN before Conv / Gemm / MatMul (pre-activation): fold forward when no padding makes it inexact."""
+"""BN before Conv / Gemm / MatMul (pre-activation): fold forward when no output reads padding."""
+
+import itertools
+import tracemalloc
 
 import numpy as np
 import onnx
@@ -6,13 +9,16 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnfold.fold import fold_model
-from tests.builders import (assert_same_function, bn_initializers, bn_node, bn_stats, make_model, op_types,
-                            tensor)
+from tests.builders import (assert_close, assert_same_function, bn_initializers, bn_node, bn_stats, make_model,
+                            op_types, random_feeds, run_ort, run_reference, tensor)
 
 
-def bn_conv(rng, *, groups=1, pads=None, auto_pad=None, kernel=3, strides=None, bias=True, c=4, m=6):
+def bn_conv(rng, *, groups=1, pads=None, auto_pad=None, kernel=3, strides=None, bias=True, c=4, m=6,
+            dilations=None, size=(7, 7)):
+    """x [2, c, *size] -> BN -> Conv (kernel: an int for a square kernel, or one size per axis)."""
+    kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
     inits = bn_initializers(bn_stats(rng, c), np.float32)
-    inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (m, c // groups, kernel, kernel)).astype(np.float32), "W"))
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (m, c // groups, *kernel)).astype(np.float32), "W"))
     inputs = ["bn_out", "W"]
     if bias:
         inits.append(numpy_helper.from_array(rng.normal(0, 0.5, m).astype(np.float32), "b"))
@@ -24,8 +30,10 @@ def bn_conv(rng, *, groups=1, pads=None, auto_pad=None, kernel=3, strides=None, 
         attrs["auto_pad"] = auto_pad
     if strides is not None:
         attrs["strides"] = strides
+    if dilations is not None:
+        attrs["dilations"] = dilations
     nodes = [bn_node("x", "bn_out"), helper.make_node("Conv", inputs, ["y"], name="conv", **attrs)]
-    return make_model(nodes, [tensor("x", np.float32, [2, c, 7, 7])], [tensor("y", np.float32, None)], inits)
+    return make_model(nodes, [tensor("x", np.float32, [2, c, *size])], [tensor("y", np.float32, None)], inits)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
@@ -53,6 +61,153 @@ def test_bn_conv_same_padding_with_1x1_kernel_folds(rng):
     folded, report = fold_model(model)
     assert report.folded == 1
     assert_same_function(model, folded)
+
+
+# ------------------------------------------------------ SAME: folded exactly when it pads nothing
+# SAME pads an axis of size n by max(0, (ceil(n/s) - 1) * s + (k - 1) * d + 1 - n) (ONNX Conv).
+@pytest.mark.parametrize("kwargs", [
+    {"kernel": 1, "strides": [2, 2], "auto_pad": "SAME_UPPER"},                  # 1x1 never pads
+    {"kernel": 1, "strides": [2, 3], "auto_pad": "SAME_LOWER"},
+    {"kernel": 3, "strides": [3, 3], "auto_pad": "SAME_UPPER", "size": (9, 6)},  # (3-1)*3 + 3 = 9, (2-1)*3 + 3 = 6
+    {"kernel": 3, "strides": [3, 3], "auto_pad": "SAME_LOWER", "size": (6, 9)},
+    {"kernel": 2, "strides": [2, 2], "auto_pad": "SAME_UPPER", "size": (8, 4)},  # 2x2 stride 2 on even sizes
+    {"kernel": (1, 2), "strides": [3, 2], "auto_pad": "SAME_LOWER", "size": (7, 6)},
+], ids=str)
+def test_bn_conv_same_padding_that_pads_nothing_folds(rng, kwargs):
+    model = bn_conv(rng, **kwargs)
+    folded, report = fold_model(model)
+    assert report.folded == 1 and report.decisions[0].rule == "bn-conv"
+    assert op_types(folded) == ["Conv"]
+    onnx.checker.check_model(folded, full_check=True)
+    assert_same_function(model, folded, atol=1e-4)  # onnxruntime (optimizations off) and the reference
+
+
+@pytest.mark.parametrize("kwargs,detail", [
+    ({"kernel": 3, "strides": [3, 3], "size": (7, 9)}, "pads spatial axis 0 (size 7) by 2"),
+    ({"kernel": 3, "strides": [3, 3], "size": (9, 8)}, "pads spatial axis 1 (size 8) by 1"),
+    ({"kernel": 3, "strides": [2, 2], "size": (9, 9)}, "pads spatial axis 0 (size 9) by 2"),  # k=3, s=2 always pads
+    ({"kernel": 2, "strides": [2, 2], "size": (8, 7)}, "pads spatial axis 1 (size 7) by 1"),
+    ({"kernel": (1, 3), "size": (5, 5)}, "pads spatial axis 1 (size 5) by 2"),  # axis 0 (1) skipped, not the end
+    ({"kernel": 2, "size": (8, 8)}, "pads spatial axis 0 (size 8) by 1"),  # default stride 1 (2 would pad nothing)
+], ids=str)
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_bn_conv_same_padding_that_pads_is_refused(rng, kwargs, detail, auto_pad):
+    model = bn_conv(rng, auto_pad=auto_pad, **kwargs)
+    folded, report = fold_model(model)
+    assert (report.decisions[0].reason, report.decisions[0].detail) == (
+        "padding-prevents-fold", f"auto_pad={auto_pad} {detail}: the border would see 0, not the BN's shift")
+    assert op_types(folded) == op_types(model)
+
+
+def _symbolic_size(model, dims):
+    """The model with x's spatial sizes replaced by `dims` (names for unknown sizes, ints for known)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    shape = model.graph.input[0].type.tensor_type.shape
+    for dim, value in zip(shape.dim[2:], dims):
+        dim.Clear()
+        if isinstance(value, int):
+            dim.dim_value = value
+        else:
+            dim.dim_param = value
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    return model
+
+
+def test_bn_conv_same_1x1_with_unknown_size_folds(rng):
+    """A kernel extent of 1 pads nothing at any size: the size need not be known."""
+    model = _symbolic_size(bn_conv(rng, kernel=1, strides=[2, 2], auto_pad="SAME_UPPER"), ["h", "w"])
+    folded, report = fold_model(model)
+    assert report.folded == 1
+    assert_same_function(model, folded)
+
+
+@pytest.mark.parametrize("dims,axis", [(["h", "w"], 0), ([9, "w"], 1)])
+def test_bn_conv_same_with_unknown_size_is_refused(rng, dims, axis):
+    """3x3 stride 3 pads nothing at size 9 but pads at 7: an unknown size cannot be proven padding-free."""
+    model = _symbolic_size(bn_conv(rng, kernel=3, strides=[3, 3], auto_pad="SAME_UPPER", size=(9, 9)), dims)
+    _, report = fold_model(model)
+    assert (report.decisions[0].reason, report.decisions[0].detail) == (
+        "padding-prevents-fold", f"auto_pad=SAME_UPPER may pad spatial axis {axis}: its size is unknown")
+
+
+# onnxruntime refuses SAME with a dilation other than 1 ("Dilation not supported for AutoPadType::SAME_UPPER
+# or AutoPadType::SAME_LOWER"), so dilated cases are checked against onnx's reference evaluator alone.
+def _assert_same_reference_outputs(model, folded):
+    feeds = random_feeds(model, seed=0)
+    assert_close(run_reference(model, feeds), run_reference(folded, feeds), 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"kernel": 2, "strides": [3, 3], "dilations": [2, 2], "size": (6, 9)},  # extent 3: (2-1)*3 + 3 = 6
+    {"kernel": 1, "strides": [2, 2], "dilations": [3, 2]},                    # extent 1 at any dilation
+], ids=str)
+def test_bn_conv_same_dilated_that_pads_nothing_folds(rng, kwargs):
+    model = bn_conv(rng, auto_pad="SAME_LOWER", **kwargs)
+    folded, report = fold_model(model)
+    assert report.folded == 1
+    _assert_same_reference_outputs(model, folded)
+
+
+def test_bn_conv_same_dilation_widens_the_kernel(rng):
+    """2x2 stride 2 on 8x8 pads nothing, but dilated by 2 (extent 3) it pads 1: refused."""
+    _, report = fold_model(bn_conv(rng, kernel=2, strides=[2, 2], auto_pad="SAME_UPPER", size=(8, 8)))
+    assert report.folded == 1
+    _, report = fold_model(bn_conv(rng, kernel=2, strides=[2, 2], dilations=[1, 2], auto_pad="SAME_UPPER",
+                                   size=(8, 8)))
+    assert report.decisions[0].detail == ("auto_pad=SAME_UPPER pads spatial axis 1 (size 8) by 1: the border "
+                                          "would see 0, not the BN's shift")
+
+
+def _reads_padding(n, kernel, stride, dilation, auto_pad) -> bool:
+    """Whether a 1-D SAME Conv reads padding, measured: with x and W all ones, every output that reads
+    only real elements is exactly `kernel`. onnx's reference evaluator and (undilated) onnxruntime."""
+    node = helper.make_node("Conv", ["x", "W"], ["y"], auto_pad=auto_pad, strides=[stride], dilations=[dilation])
+    model = make_model([node], [tensor("x", np.float32, [1, 1, n])], [tensor("y", np.float32, None)],
+                       [numpy_helper.from_array(np.ones((1, 1, kernel), np.float32), "W")])
+    feeds = {"x": np.ones((1, 1, n), np.float32)}
+    runs = [run_reference] + ([run_ort] if dilation == 1 else [])
+    reads = {bool((run(model, feeds)["y"] != kernel).any()) for run in runs}
+    assert len(reads) == 1
+    return reads.pop()
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+def test_bn_conv_same_folds_exactly_when_no_output_reads_padding(rng, auto_pad):
+    """Every size 1-8, kernel 1-3, stride 1-3, dilation 1-2: the rule folds iff the runtimes read no padding."""
+    for n, kernel, stride, dilation in itertools.product(range(1, 9), range(1, 4), range(1, 4), range(1, 3)):
+        inits = bn_initializers(bn_stats(rng, 2), np.float32)
+        inits.append(numpy_helper.from_array(np.ones((3, 2, kernel), np.float32), "W"))
+        nodes = [bn_node("x", "bn_out"), helper.make_node("Conv", ["bn_out", "W"], ["y"], name="conv",
+                                                          auto_pad=auto_pad, strides=[stride], dilations=[dilation])]
+        model = make_model(nodes, [tensor("x", np.float32, [1, 2, n])], [tensor("y", np.float32, None)], inits)
+        _, report = fold_model(model)
+        case = (n, kernel, stride, dilation)
+        assert (report.folded == 1) == (not _reads_padding(n, kernel, stride, dilation, auto_pad)), case
+
+
+# ---------------------------------------------------------------- no float64 copy of the weight
+@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
+def test_bn_fold_forward_holds_no_float64_copy_of_the_weight(op):
+    """The rule has math.py round each block into the weight's dtype: folding a BN into a 4 MiB float32
+    weight peaks at the weight, its folded copy and a few blocks (measured 9 MiB), where a float64
+    result (8 MiB more) would be cast afterwards."""
+    rng = np.random.default_rng(5)
+    c = 1024
+    inits = bn_initializers(bn_stats(rng, c), np.float32)
+    w_shape = (1024, c, 1, 1) if op == "Conv" else (c, 1024)
+    inits.append(numpy_helper.from_array(rng.normal(0, 1, w_shape).astype(np.float32), "W"))
+    x = tensor("x", np.float32, [1, c, 2, 2] if op == "Conv" else [1, c])
+    nodes = [bn_node("x", "h"), helper.make_node(op, ["h", "W"], ["y"], name="op",
+                                                 **({"transB": 1} if op == "Gemm" else {}))]
+    model = make_model(nodes, [x], [tensor("y", np.float32, None)], inits)
+    tracemalloc.start()
+    try:
+        _, report = fold_model(model)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.folded == 1
+    assert peak < 3 * 4 * 2 ** 20
 
 
 def _bn_linear(rng, op, trans_b=0, with_c=True, k=4, n=6):
