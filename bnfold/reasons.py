@@ -20,6 +20,7 @@ NON_SPATIAL_BN = "non-spatial-bn"
 CHANNEL_AXIS_MISMATCH = "channel-axis-mismatch"
 RANK_UNKNOWN = "rank-unknown"
 RANK_UNSUPPORTED = "rank-unsupported"
+MALFORMED_NEIGHBOUR = "malformed-neighbour"
 PADDING_PREVENTS_FOLD = "padding-prevents-fold"
 INVALID_STATISTICS = "invalid-statistics"
 DTYPE_UNSUPPORTED = "dtype-unsupported"
@@ -41,6 +42,7 @@ MEANINGS = {
     CHANNEL_AXIS_MISMATCH: "the BN's channel axis is not the neighbour's output (or input) channel axis",
     RANK_UNKNOWN: "a rank needed to prove the fold is unknown",
     RANK_UNSUPPORTED: "a rank is known but not one the rule can fold",
+    MALFORMED_NEIGHBOUR: "the neighbour's weight, bias and group do not fit together as its operator requires",
     PADDING_PREVENTS_FOLD: "a padded Conv after the BN would see zeros instead of the BN's shift",
     INVALID_STATISTICS: "var + epsilon <= 0, or a statistic is not finite",
     DTYPE_UNSUPPORTED: "the weight dtype is not float16/bfloat16/float32/float64",

@@ -331,6 +331,46 @@ def test_conv_weight_of_rank_2_is_refused(rng):
     fold_and_check(model, "rank-unsupported", oracle=False)
 
 
+def test_bn_before_conv_with_weight_of_rank_2_is_refused(rng):
+    model = bn_then(rng, "Conv")
+    set_initializer(model, "W", rng.normal(size=(6, 4)).astype(F32))
+    fold_and_check(model, "rank-unsupported", oracle=False)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["Conv", "ConvTranspose"])
+@pytest.mark.parametrize("shape", [(6, 1), (1, 6), (3,), (12,)], ids=str)
+def test_conv_bias_not_one_per_output_channel_is_refused(rng, transposed, shape):
+    """A bias must be [M]: a [6, 1] bias would broadcast against the folded one into another shape."""
+    model = conv_bn(rng, transposed=transposed)
+    set_initializer(model, "b", rng.normal(size=shape).astype(F32))
+    _, decision = fold_and_check(model, "malformed-neighbour", oracle=False)
+    assert "bias has shape" in decision.detail
+
+
+def test_bn_before_conv_bias_not_one_per_output_channel_is_refused(rng):
+    model = bn_then(rng, "Conv")
+    model.graph.node[1].input.append("b")
+    model.graph.initializer.append(init(rng, "b", (6, 1)))
+    fold_and_check(model, "malformed-neighbour", oracle=False)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["Conv", "ConvTranspose"])
+@pytest.mark.parametrize("groups", [0, -1, 4], ids=str)
+def test_conv_group_that_does_not_divide_the_weight_is_refused(rng, transposed, groups):
+    """group 4 does not divide the weight's axis 0 (6 output channels; 4 input channels of a
+    ConvTranspose divide, so its weight is given 6 rows); 0 and negative groups are no groups."""
+    model = conv_bn(rng, transposed=transposed, channels_in=6 if transposed else 4)
+    next(a for a in model.graph.node[0].attribute if a.name == "group").i = groups
+    _, decision = fold_and_check(model, "malformed-neighbour", oracle=False)
+    assert f"group={groups}" in decision.detail
+
+
+def test_bn_before_conv_group_that_does_not_divide_the_weight_is_refused(rng):
+    model = bn_then(rng, "Conv")
+    model.graph.node[1].attribute.append(helper.make_attribute("group", 4))
+    fold_and_check(model, "malformed-neighbour", oracle=False)
+
+
 @pytest.mark.parametrize("shape", [(4, 6, 1), (6,)], ids=str)
 def test_gemm_b_not_of_rank_2_is_refused(rng, shape):
     model = gemm_bn(rng)

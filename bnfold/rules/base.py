@@ -23,13 +23,14 @@ from ..graph import GraphIndex
 from ..math import bn_scale_shift
 from ..reasons import (BN_EXTRA_OUTPUTS_USED, CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED,
                        INVALID_STATISTICS, NEIGHBOUR_HAS_OTHER_CONSUMERS, NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT,
-                       NON_SPATIAL_BN, RANK_UNKNOWN, WEIGHTS_NOT_CONSTANT)
+                       MALFORMED_NEIGHBOUR, NON_SPATIAL_BN, RANK_UNKNOWN, RANK_UNSUPPORTED,
+                       WEIGHTS_NOT_CONSTANT)
 
 FOLDABLE_DTYPES = {t: numpy_dtype(t) for t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                 onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
 
 __all__ = ["FOLDABLE_DTYPES", "FoldRule", "Match", "Plan", "Refusal", "absorb_into_consumer",
-           "absorb_into_producer", "attribute", "bn_affine", "bn_mode_refusal", "cast_checked", "constant",
+           "absorb_into_producer", "attribute", "conv_operands", "bn_affine", "bn_mode_refusal", "cast_checked", "constant",
            "known_rank",
            "optional_constant", "producer_of", "require_exclusive", "set_attribute", "sole_consumer_of",
            "weight_dtype", "write_plan"]
@@ -184,6 +185,25 @@ def _per_channel(value: np.ndarray, name: str, bn: onnx.NodeProto, index: GraphI
 
 
 # ------------------------------------------------------------------------------------------ dtypes
+def conv_operands(index: GraphIndex, conv: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """A Conv's or ConvTranspose's (weight, bias, group), refused unless they fit as the operator
+    defines them: weight [M, C/g, k...] (ConvTranspose [C, M/g, k...]), group >= 1 dividing the
+    weight's axis 0, bias [M]. The checker does not always see a malformed one (shapes unknown)."""
+    what = conv.op_type
+    weight = constant(index, conv.input[1], f"{what} weight")
+    bias = optional_constant(index, conv, 2, f"{what} bias")
+    if weight.ndim < 3:
+        raise Refusal(RANK_UNSUPPORTED, f"{what} weight has rank {weight.ndim}, expected >= 3")
+    groups = int(attribute(conv, "group", 1))
+    if groups < 1 or weight.shape[0] % groups:
+        raise Refusal(MALFORMED_NEIGHBOUR, f"{what} group={groups} does not divide its weight's "
+                                           f"{weight.shape[0]} {'input' if what == 'ConvTranspose' else 'output'} channels")
+    outputs = weight.shape[1] * groups if what == "ConvTranspose" else weight.shape[0]
+    if bias is not None and bias.shape != (outputs,):
+        raise Refusal(MALFORMED_NEIGHBOUR, f"{what} bias has shape {list(bias.shape)}, not [{outputs}]")
+    return weight, bias, groups
+
+
 def weight_dtype(values: np.ndarray, what: str) -> np.dtype:
     """The dtype folded values are cast back to (the weight's own); refuse non-float weights."""
     if values.dtype not in FOLDABLE_DTYPES.values():

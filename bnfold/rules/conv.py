@@ -13,9 +13,8 @@ import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_after_conv, fold_after_conv_transpose
-from ..reasons import RANK_UNSUPPORTED
-from .base import (FoldRule, Match, Plan, Refusal, absorb_into_producer, attribute, bn_affine, cast_checked,
-                   constant, optional_constant, producer_of, require_exclusive, weight_dtype, write_plan)
+from .base import (FoldRule, Match, Plan, absorb_into_producer, bn_affine, cast_checked, conv_operands,
+                   producer_of, require_exclusive, weight_dtype, write_plan)
 
 
 class ConvThenBN(FoldRule):
@@ -30,12 +29,8 @@ class ConvThenBN(FoldRule):
     def check(self, match: Match, index: GraphIndex) -> Plan:
         conv, bn = match.neighbour, match.bn
         require_exclusive(index, conv.output[0], bn, conv.op_type)
-        weight = constant(index, conv.input[1], f"{conv.op_type} weight")
-        bias = optional_constant(index, conv, 2, f"{conv.op_type} bias")
-        if weight.ndim < 3:
-            raise Refusal(RANK_UNSUPPORTED, f"{conv.op_type} weight has rank {weight.ndim}, expected >= 3")
+        weight, bias, groups = conv_operands(index, conv)
         dtype = weight_dtype(weight, f"{conv.op_type} weight")
-        groups = int(attribute(conv, "group", 1))
         transposed = conv.op_type == "ConvTranspose"
         channels = weight.shape[1] * groups if transposed else weight.shape[0]
         scale, shift = bn_affine(bn, index, channels)

@@ -20,7 +20,7 @@ from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
 from ..reasons import CHANNEL_AXIS_MISMATCH, PADDING_PREVENTS_FOLD, RANK_UNSUPPORTED
 from .base import (FoldRule, Match, Plan, Refusal, absorb_into_consumer, attribute, bn_affine, cast_checked,
-                   constant, known_rank, optional_constant, require_exclusive, sole_consumer_of, weight_dtype,
+                   constant, conv_operands, known_rank, optional_constant, require_exclusive, sole_consumer_of, weight_dtype,
                    write_plan)
 
 
@@ -36,11 +36,9 @@ class BNThenConv(FoldRule):
     def check(self, match: Match, index: GraphIndex) -> Plan:
         conv, bn = match.neighbour, match.bn
         require_exclusive(index, bn.output[0], conv, "BN")
-        weight = constant(index, conv.input[1], "Conv weight")
-        bias = optional_constant(index, conv, 2, "Conv bias")
+        weight, bias, groups = conv_operands(index, conv)
         dtype = weight_dtype(weight, "Conv weight")
         _check_no_padding(conv, weight, index)
-        groups = int(attribute(conv, "group", 1))
         scale, shift = bn_affine(bn, index, weight.shape[1] * groups)
         new_weight, new_bias = fold_before_conv(weight, bias, scale, shift, groups, dtype)
         return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_bias, dtype, "biases")})
