@@ -28,6 +28,8 @@ from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 
+from machine import cpu_name
+
 from bnfold.io import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -100,7 +102,7 @@ def render(count: int, size: int, runs: dict[int, list[dict]], identical: bool, 
         "# Folding a folder: --jobs 1 and --jobs 2",
         "",
         f"Regenerate with `python benchmarks/folder.py` (this run took {seconds:.0f} s). Generated "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {_cpu_name()}, {os.cpu_count()} cores, shared "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, {os.cpu_count()} cores, shared "
         f"with other work (1-minute load average {load[0]:.1f} before the run, {load[1]:.1f} after): absolute "
         "times are noisy, and --jobs 2 can only be faster when a second core is free; the two job counts "
         "ran alternately in one run.",
@@ -127,15 +129,6 @@ def render(count: int, size: int, runs: dict[int, list[dict]], identical: bool, 
         "",
     ])
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

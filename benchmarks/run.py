@@ -31,6 +31,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import measure
+from machine import cpu_name
 import numpy as np
 import report
 from tools import PACKAGES, TOOLS
@@ -285,18 +286,9 @@ def environment(tools: list[str]) -> dict[str, str]:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = "not installed"
-    return {"python": platform.python_version(), "cpu": _cpu_name(), "cores": str(os.cpu_count()),
+    return {"python": platform.python_version(), "cpu": cpu_name(), "cores": str(os.cpu_count()),
             **versions}
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _command(argv) -> str:
