@@ -7,7 +7,7 @@ imported on first use, so `import bnfold` stays light.
 from importlib import import_module
 
 from .errors import BnfoldError
-from .fold import fold_file, fold_model
+from .fold import VerificationFailed, fold_file, fold_model
 from .report import Decision, FoldReport
 
 _LAZY = {
@@ -17,7 +17,7 @@ _LAZY = {
     "export_model": "export",
 }
 
-__all__ = ["BnfoldError", "Decision", "FoldReport", "fold_file", "fold_model", *_LAZY]
+__all__ = ["BnfoldError", "Decision", "FoldReport", "VerificationFailed", "fold_file", "fold_model", *_LAZY]
 
 
 def __getattr__(name: str):
