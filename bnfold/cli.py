@@ -51,7 +51,8 @@ def _add_fold_parser(sub) -> None:
                    help="leave this BatchNormalization node as it is (repeatable; the name must exist "
                         "in at least one INPUT)")
     p.add_argument("--external-data", action="store_true",
-                   help="store weights in OUT.data next to the output (automatic above 2 GB)")
+                   help="store weights in OUT.data next to the output (automatic above 2 GB and for an "
+                        "INPUT with external data)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="fold N models in parallel processes")
     checks = p.add_argument_group("verification (the flags of `bnfold verify`; they need --verify)")
     checks.add_argument("--verify", action="store_true",

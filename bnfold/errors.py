@@ -8,6 +8,9 @@ CLI puts the flag in front of the message. The CLI prints it as one line
 
 from __future__ import annotations
 
+import signal
+from contextlib import contextmanager
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1  # outputs differ, or `--verify` rejected a fold
 EXIT_USAGE = 2  # bad usage or bad input
@@ -16,6 +19,17 @@ EXIT_INTERNAL = 3  # a bug in bnfold
 
 class Terminated(BaseException):
     """SIGTERM, raised like KeyboardInterrupt is for SIGINT, so that finally blocks run."""
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back while a temporary file is created and recorded for cleanup: an
+    interrupt raised in between would leave it behind. They are delivered when the block ends."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class BnfoldError(Exception):

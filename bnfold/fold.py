@@ -19,7 +19,7 @@ import onnx
 from . import passes
 from .errors import EXIT_CHECK_FAILED, BnfoldError
 from .graph import ModelContext
-from .io import open_model, save_model
+from .io import check_output_path, open_model, save_model
 from .mapped import MappedFile
 from .passes import FoldOptions, PipelineState
 from .report import FoldReport, op_counts
@@ -53,7 +53,10 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     `verify` (bnfold.verify.VerifyOptions) compares the folded model with the original before the
     output is renamed into place; on a mismatch it raises VerificationFailed and writes nothing.
     """
-    model, source = open_model(input_path)
+    writes = output_path is not None and not dry_run
+    if writes:
+        check_output_path(output_path)  # before any work, and the scratch file goes on its filesystem
+    model, source = open_model(input_path, scratch_dir=Path(output_path).parent if writes else None)
     try:
         report = fold_in_place(model, exclude_nodes=exclude_nodes, source=source)
         report.model = str(input_path)

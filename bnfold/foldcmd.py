@@ -295,10 +295,10 @@ def _attempt_in_worker(job: FoldJob, raise_bugs: bool) -> FoldOutcome:
     """_attempt in a worker process, where an interrupt ends the job as an outcome rather than an
     exception that would cross back into the parent."""
     try:
-        if _worker["stopping"]:
-            raise Terminated(_worker["stopping"])
-        _worker["busy"] = True
+        _worker["busy"] = True  # before the check: a signal from here on interrupts this job
         try:
+            if _worker["stopping"]:
+                raise Terminated(_worker["stopping"])
             return _attempt(job, raise_bugs)
         finally:
             _worker["busy"] = False

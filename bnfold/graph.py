@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .constants import ConstantEvaluator, reads_type_only
+from .dtypes import onnx_type, to_array
 from .mapped import MappedFile, is_stub, weightless
 
 
@@ -97,7 +97,7 @@ class ModelContext:
         if is_stub(tensor):
             self._read_spans.append(self.source.span(tensor))
             return self.source.array(tensor)
-        return numpy_helper.to_array(tensor)
+        return to_array(tensor)
 
     def release_reads(self) -> None:
         """Let the pages of the stubs read so far leave memory (see MappedFile.release)."""
@@ -269,7 +269,7 @@ class GraphIndex:
         """Store `values` as a new initializer under a fresh name (IR < 4 also lists it as an input)."""
         name = self.context.fresh_name(base)
         tensor = self.graph.initializer.add()  # filled in place: appending a tensor would copy it
-        fill_tensor(tensor, values, name)
+        self._fill(tensor, values, name)
         self.initializers[name] = tensor
         if self.context.ir_version < 4 and self.parent is None:
             self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
@@ -278,8 +278,15 @@ class GraphIndex:
 
     def replace_initializer(self, name: str, values: np.ndarray) -> None:
         """Overwrite an initializer that only the folded node uses (caller checks exclusivity)."""
-        fill_tensor(self.initializers[name], values, name)
+        self._fill(self.initializers[name], values, name)
         self.constants.forget(name)
+
+    def _fill(self, tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None:
+        """fill_tensor, but a main-graph weight of a mapped model past its memory budget goes to its
+        scratch file instead (MappedFile.store); stubs live only in the main graph."""
+        source = self.context.source
+        if self.parent is not None or source is None or not source.store(tensor, values, name):
+            fill_tensor(tensor, values, name)
 
     # ----------------------------------------------------------------------------------- typing
     def tensor_type(self, name: str) -> TensorType | None:
@@ -315,6 +322,6 @@ def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None
     """Make `tensor` a raw-data tensor holding `values` (the fast path of numpy_helper.from_array)."""
     tensor.Clear()
     tensor.name = name
-    tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+    tensor.data_type = onnx_type(values.dtype)
     tensor.dims.extend(values.shape)
     tensor.raw_data = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()

@@ -1,15 +1,18 @@
 """Loading and saving models safely.
 
 Loading turns every way a file can fail to be a model (missing, empty, not protobuf, rejected by the
-checker, unreadable external data) into one :class:`BnfoldError`. Saving is atomic: the model (and its
-external data, if any) is written into a temporary folder next to the target and renamed into place,
-so a failure never leaves a partial or temporary file behind and never touches the input.
+checker, external data that is unreadable or outside the model's folder) into one :class:`BnfoldError`.
+Saving is atomic: the model (and its external data, if any) is written into a private temporary folder
+next to the target and renamed into place, so a failure never leaves a partial or temporary file behind
+and never touches the input. A new file gets the mode a normal write gives it (0666 & ~umask); a
+regular file that is replaced keeps its mode; a symlink at the target is replaced, never followed.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,11 +20,14 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import BnfoldError, first_line
-from .mapped import MappedFile, is_stub, load_mapped, payload_mismatch, weightless
-from .wire import GRAPH, INITIALIZER, copy_field, record, record_prefix, tensor_payload_bytes
+from .errors import BnfoldError, first_line, signals_deferred
+from .external import DataFile, attach, bare, data_file_name
+from .mapped import (STUB_TYPES, MappedFile, declared_mismatch, has_record, is_stub, load_mapped, payload_mismatch,
+                     weightless)
+from .wire import GRAPH, INITIALIZER, RAW_DATA, copy_field, record, record_prefix, tensor_payload_bytes
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
+OWN_CHECK = "bnfold's check of the mapped weights"  # the checker's rules on what its weightless copy lacks
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
@@ -34,9 +40,12 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     return _parse(path)
 
 
-def open_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, MappedFile | None]:
-    """Like load_model, but large initializers stay in the mapped file (see bnfold.mapped) unless
-    the model uses external data. Close the returned MappedFile after saving.
+def open_model(path: str | os.PathLike, scratch_dir: str | os.PathLike | None = None
+               ) -> tuple[onnx.ModelProto, MappedFile | None]:
+    """Like load_model, but large initializers stay in their files (the model file or its external
+    data files), mapped: see bnfold.mapped. Close the returned MappedFile after saving. Folded
+    weights past a memory budget wait in an unnamed scratch file in `scratch_dir` (default: the
+    system's temporary folder).
 
     The checker then runs on a weightless copy (bnfold.mapped.weightless) and bnfold checks each
     stub's payload size itself: the same verdict as checking the file, without a second copy of the
@@ -44,39 +53,48 @@ def open_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, MappedFile | N
     path = Path(path)
     _validate_file(path, check=False)
     try:
-        model, source = load_mapped(path)
+        model, source = load_mapped(path, scratch_dir)
     except (OSError, ValueError, IndexError, DecodeError):
         return load_model(path), None  # let the file checker say what is wrong with it
-    if _has_external_data(model, ignore_stubs=True) or not model.HasField("graph") or model.ir_version <= 0:
+    if not model.HasField("graph") or model.ir_version <= 0:
         source.close()
         return load_model(path), None
     try:
+        attach(model, path, source)
         _check_mapped(model, path)
-    except BnfoldError:
+    except BaseException:
         source.close()
         raise
     return model, source
 
 
 def _check_mapped(model: onnx.ModelProto, path: Path) -> None:
+    """The checker's verdict on a mapped model: onnx's checker on its weightless copy, and bnfold's own
+    check (the checker's rules) of what that copy lacks: payload sizes, IR 3's listing of
+    initializers as inputs, declared types of the mapped weights."""
+    raw = [t for t in model.graph.initializer
+           if t.data_type in STUB_TYPES and (is_stub(t) or t.HasField("raw_data"))]
+    problem = next(filter(None, map(payload_mismatch, raw)), None)
     stubs = [t for t in model.graph.initializer if is_stub(t)]
-    for stub in stubs:
-        problem = payload_mismatch(stub)
-        if problem:
-            raise _rejected(path, problem)
-    if model.ir_version < 4:
+    if problem is None and model.ir_version < 4:
         inputs = {v.name for v in model.graph.input}
-        missing = next((t.name for t in stubs if t.name not in inputs), None)
-        if missing:
-            raise _rejected(path, f"{missing} in initializer but not in graph input")
+        problem = next((f"{t.name} in initializer but not in graph input" for t in stubs if t.name not in inputs), None)
+    if problem is None:
+        declared = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+        problem = next(filter(None, (declared_mismatch(t, declared[t.name]) for t in stubs if t.name in declared)),
+                       None)
+    if problem is not None:
+        raise _rejected(path, problem, by=OWN_CHECK)
     try:
         onnx.checker.check_model(weightless(model), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise _rejected(path, first_line(exc)) from exc
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise _rejected(path, first_line(exc)) from exc  # ValueError: an unknown data type, a name not UTF-8...
 
 
-def _rejected(path: Path, reason: str) -> BnfoldError:
-    return BnfoldError(f"{path}: the ONNX checker rejects this model: {reason}",
+def _rejected(path: Path, reason: str, by: str = "the ONNX checker") -> BnfoldError:
+    """A model refused by `by`: onnx's checker, or bnfold's own check of the weights the checker
+    does not see (OWN_CHECK), which applies the checker's rules."""
+    return BnfoldError(f"{path}: {by} rejects this model: {reason}",
                        note="bnfold only rewrites models that onnx.checker.check_model accepts")
 
 
@@ -100,21 +118,14 @@ def _parse(path: Path) -> onnx.ModelProto:
         raise BnfoldError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not model.HasField("graph") or model.ir_version <= 0:
         raise BnfoldError(f"{path}: not an ONNX model (no graph or no IR version)")
-    if _has_external_data(model):
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except Exception as exc:  # onnx raises several types for bad or unsafe locations
-            raise BnfoldError(
-                f"{path}: cannot load external data ({first_line(exc)})",
-                note="external data files must sit next to the model, inside its folder",
-            ) from exc
+    attach(model, path)
     return model
 
 
 def _check_file(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         if "Unable to parse proto" in str(exc):
             raise BnfoldError(f"{path}: not an ONNX model (not a protobuf ModelProto)") from exc
         if "does not have an ir_version" in str(exc):
@@ -135,46 +146,65 @@ def check_model(model: onnx.ModelProto) -> None:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
                source: MappedFile | None = None, accept=None) -> None:
-    """Write `model` to `path` atomically; use external data if asked or if it is too large.
-    `source` is the mapped input file that the model's stubs (see bnfold.mapped) point into.
-    `accept(staged_path)` runs on the complete file before it is renamed into place; if it raises,
-    nothing is written. Saving with external data moves `model`'s weights out of it (onnx does so in
-    place; a copy would double the memory of a model too large for one file)."""
+    """Write `model` to `path` atomically, streamed, without changing `model`.
+
+    The values of its large initializers go to ``<path>.data`` (bnfold.external) if `external_data`
+    is asked for, if the input (`source`) kept them in external data files, or if the model would
+    pass protobuf's 2 GiB limit. `source` is the mapped input that the model's stubs (see
+    bnfold.mapped) point into; no file of the input is overwritten unless `path` is the input
+    itself (in place). `accept(staged_path)` runs on the complete staged model (its data beside it)
+    before anything is renamed into place; if it raises, nothing is written."""
     path = Path(path)
-    folder = check_output_path(path)
-    external_data = external_data or _initializer_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
+    check_output_path(path)
+    external_data = external_data or (source is not None and source.had_external_data) \
+        or _initializer_bytes(model, source) >= PROTOBUF_LIMIT - (64 << 20)
+    data_path = path.with_name(data_file_name(path)) if external_data else None
+    _refuse_overwriting_inputs(path, data_path, source)
     try:
-        if external_data:
-            _save_with_external_data(model, path, folder, source, accept)
-        else:
-            _save_streamed(model, path, source, accept)
+        with _staging(path) as staging:
+            staged = staging / path.name
+            staged_data = staging / data_path.name if data_path is not None else None
+            _write_staged(model, staged, staged_data, source)
+            if accept is not None:
+                accept(staged)
+            outputs = [(staged, path)]
+            if staged_data is not None and staged_data.stat().st_size:  # no large initializer: no data file
+                outputs.insert(0, (staged_data, data_path))
+            _publish(outputs)
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
 
 
-def _save_streamed(model, path: Path, source, accept) -> None:
-    with atomic_output(path) as staged:
-        with open(staged, "wb") as out:
+def _write_staged(model: onnx.ModelProto, staged: Path, staged_data: Path | None, source) -> None:
+    with open(staged, "wb") as out:
+        if staged_data is None:
             write_model(model, out, source)
-        if accept is not None:
-            accept(staged)
+            return
+        with open(staged_data, "wb") as data:
+            write_model(model, out, source, DataFile(data, staged_data.name))
 
 
-def _save_with_external_data(model, path: Path, folder: Path, source, accept) -> None:
-    """The model and OUT.data are staged together in a temporary folder, then both renamed."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+def _refuse_overwriting_inputs(path: Path, data_path: Path | None, source: MappedFile | None) -> None:
+    """Writing over a file of the input (its external data, say) would change the input; only
+    replacing the input model itself (in place) may replace its files. A symlink at the target is
+    replaced, not followed, so it is no input's file."""
+    if data_path is not None and data_path.is_dir():
+        raise BnfoldError(f"{data_path}: is a directory", note="the external data of OUT is written to OUT.data")
+    if source is None or _identity(path, follow=False) == source.model_identity():
+        return
+    inputs = source.identities()
+    for target in (path, data_path):
+        if target is not None and _identity(target, follow=False) in inputs:
+            raise BnfoldError(f"{target}: is a file of the input model {source.path}; writing it would change "
+                              "the input", note="write the output to another folder or name, or replace the input with --in-place")
+
+
+def _identity(path: Path, follow: bool) -> tuple[int, int] | None:
     try:
-        staged, data_name = staging / path.name, f"{path.name}.data"
-        _materialize_stubs(model, source)
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        if accept is not None:
-            accept(staged)
-        if (staging / data_name).exists():
-            os.replace(staging / data_name, folder / data_name)
-        os.replace(staged, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        found = os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -190,20 +220,55 @@ def check_output_path(path: str | os.PathLike) -> Path:
 
 @contextmanager
 def atomic_output(path: str | os.PathLike):
-    """Yield a temporary file in `path`'s folder to write; rename it to `path` only if the block
-    succeeds. Whatever happens, no temporary file is left, and an OSError becomes a BnfoldError."""
+    """Yield a temporary file (named like `path`, in a private folder next to it) to write; rename it
+    to `path` only if the block succeeds, with the mode of the regular file it replaces, or else the
+    mode a new file gets (0666 & ~umask). Whatever happens, no temporary file is left, and an OSError
+    becomes a BnfoldError."""
     path = Path(path)
-    folder = check_output_path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
     try:
-        yield Path(temp)
-        os.replace(temp, path)
+        with _staging(path) as staging:
+            staged = staging / path.name
+            staged.touch()
+            yield staged
+            _publish([(staged, path)])
     except OSError as exc:
         raise BnfoldError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+@contextmanager
+def _staging(path: Path):
+    """A private folder (mode 0700) next to `path` for its staged files; removed whatever happens."""
+    folder = check_output_path(path)
+    staging = None
+    try:
+        with signals_deferred():  # an interrupt lands after `staging` is set, inside the try
+            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+        yield staging
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(outputs: list[tuple[Path, Path]]) -> None:
+    """Rename staged files to their targets, the model (last) after its data file. All get the mode
+    of the regular file the model replaces, as a normal write keeps it (--in-place keeps the input's
+    mode), or the mode the staged model was created with (0666 & ~umask)."""
+    staged_model, target = outputs[-1]
+    mode = _kept_mode(target)
+    if mode is None:
+        mode = stat.S_IMODE(os.stat(staged_model).st_mode)
+    for staged, _ in outputs:
+        os.chmod(staged, mode)
+    for staged, destination in outputs:
+        os.replace(staged, destination)
+
+
+def _kept_mode(target: Path) -> int | None:
+    try:
+        found = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    return stat.S_IMODE(found.st_mode) & 0o777 if stat.S_ISREG(found.st_mode) else None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -212,13 +277,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         staged.write_text(text)
 
 
-def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None) -> None:
+def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None, data: DataFile | None = None) -> None:
     """Serialize `model` one initializer at a time instead of as one giant bytes object.
 
     Protobuf merges repeated occurrences of an embedded message field, so the graph is written as
     several `graph` records: first the graph without its initializers, then one record per
     initializer. Any protobuf parser reads back exactly the same model; peak memory grows by the
-    largest tensor instead of by the whole model. Unchanged stubs are copied from `source` as bytes.
+    largest tensor instead of by the whole model. An unchanged stub's bytes are copied from its file
+    (`source`) by the kernel. With `data`, the external data file, every large initializer's values
+    go there and the model file keeps its fields (bnfold.external).
     """
     graph = model.graph
     head = onnx.ModelProto()
@@ -230,36 +297,54 @@ def write_model(model: onnx.ModelProto, handle, source: MappedFile | None = None
     for field, value in graph.ListFields():
         if field.name != "initializer":
             copy_field(skeleton, field, value)
+    if data is not None:
+        data.add_nested(skeleton)
     handle.write(record(GRAPH, skeleton.SerializeToString()))
     for tensor in graph.initializer:
-        if is_stub(tensor):
-            if source is None:
-                raise ValueError(f"initializer {tensor.name} is a stub of a mapped file that is not given")
-            body = source.body(tensor)
-        else:
-            body = tensor.SerializeToString()
-        inner = record_prefix(INITIALIZER, len(body))
-        handle.write(record_prefix(GRAPH, len(inner) + len(body)) + inner)
+        _write_initializer(tensor, handle, source, data)
+
+
+def _write_initializer(tensor: onnx.TensorProto, handle, source: MappedFile | None, data: DataFile | None) -> None:
+    stub = is_stub(tensor)
+    if stub and source is None:
+        raise ValueError(f"initializer {tensor.name} is a stub of a mapped file that is not given")
+    header = data.add(tensor, source) if data is not None else None
+    if header is not None:
+        body = header.SerializeToString()
+        _write_prefix(handle, len(body))
+        handle.write(body)
+    elif stub and has_record(tensor):
+        _write_prefix(handle, source.size(tensor))
+        source.write_record(tensor, handle)
+    elif stub:
+        _write_inline(tensor, handle, source)
+    else:
+        body = tensor.SerializeToString()
+        _write_prefix(handle, len(body))
         handle.write(body)  # large: written as is, never concatenated
-        if is_stub(tensor):
-            del body
-            source.release(source.span(tensor))
 
 
-def _materialize_stubs(model: onnx.ModelProto, source: MappedFile | None) -> None:
-    for tensor in model.graph.initializer:
-        if is_stub(tensor):
-            tensor.CopyFrom(source.tensor(tensor))
+def _write_prefix(handle, length: int) -> None:
+    """The keys and lengths of one initializer record of `length` bytes, inside its own graph record."""
+    inner = record_prefix(INITIALIZER, length)
+    handle.write(record_prefix(GRAPH, len(inner) + length) + inner)
+
+
+def _write_inline(stub: onnx.TensorProto, handle, source: MappedFile) -> None:
+    """A stub of a file other than the model file (a folded weight in the scratch file, which has
+    only a name, type and dims) as a complete TensorProto, its values in raw_data: the bytes protobuf
+    would write, since raw_data's field number is above the others'."""
+    header = bare(stub).SerializeToString()
+    _, start, end = source.span(stub)
+    raw = record_prefix(RAW_DATA, end - start)
+    _write_prefix(handle, len(header) + len(raw) + end - start)
+    handle.write(header + raw)
+    source.write_data(stub, handle)
 
 
 def _initializer_bytes(model: onnx.ModelProto, source: MappedFile | None) -> int:
-    """The serialized size of the main graph's initializer values (a stub: its record in `source`),
-    which is most of a large model; the margin under PROTOBUF_LIMIT covers the rest. Cheaper than
-    model.ByteSize(), which encodes the whole model."""
+    """The serialized size of the main graph's initializer values (a stub: what it adds to the
+    file), which is most of a large model; the margin under PROTOBUF_LIMIT covers the rest. Cheaper
+    than model.ByteSize(), which encodes the whole model."""
     return sum((source.size(t) if source is not None else 0) if is_stub(t) else tensor_payload_bytes(t)
                for t in model.graph.initializer)
-
-
-def _has_external_data(model: onnx.ModelProto, ignore_stubs: bool = False) -> bool:
-    return any(onnx.external_data_helper.uses_external_data(t) and not (ignore_stubs and is_stub(t))
-               for t in onnx.external_data_helper._get_all_tensors(model))

@@ -25,6 +25,7 @@ VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5  # the wire types bnfold
 _FIXED_WIDTH = {"float_data": 4, "double_data": 8}
 _VARINTS = ("int32_data", "int64_data", "uint64_data")
 _FIELD_NUMBER = {f.name: f.number for f in onnx.TensorProto.DESCRIPTOR.fields}
+VALUE_FIELDS = ("raw_data", *_FIXED_WIDTH, *_VARINTS, "string_data")
 
 
 def fields(buffer, start: int, end: int):

@@ -43,11 +43,14 @@ def test_fold_file_equals_fold_model_and_is_deterministic(tmp_path, big_model):
 
 def test_external_data_input_is_folded(tmp_path, big_model):
     path = tmp_path / "ext.onnx"
+    expected, _ = fold_model(big_model)
     onnx.save(big_model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     report = fold_file(path, tmp_path / "out.onnx")
     assert report.folded == 1
-    expected, _ = fold_model(onnx.load(path))
-    assert onnx.load(tmp_path / "out.onnx") == expected
+    folded = onnx.load(tmp_path / "out.onnx")
+    for tensor in folded.graph.initializer:  # read back from OUT.data: an explicit data_location=DEFAULT
+        tensor.ClearField("data_location")
+    assert folded == expected
 
 
 def test_external_data_escaping_the_folder_is_refused(tmp_path, big_model):
@@ -90,7 +93,7 @@ def test_wrong_payload_size_of_a_mapped_tensor_is_rejected(tmp_path, big_model):
     weight.raw_data = weight.raw_data[:-4]
     path = tmp_path / "bad.onnx"
     onnx.save(big_model, path)
-    with pytest.raises(BnfoldError, match="checker rejects.*raw_data size"):
+    with pytest.raises(BnfoldError, match="bnfold's check of the mapped weights rejects this model: .*raw_data size"):
         fold_file(path, tmp_path / "out.onnx")
     with pytest.raises(onnx.checker.ValidationError):  # the same verdict as onnx's own checker
         onnx.checker.check_model(str(path), full_check=True)
@@ -198,3 +201,66 @@ def test_a_model_over_the_protobuf_limit_is_saved_with_external_data(tmp_path, b
     assert {t.name for t in loaded.graph.initializer} == expected.keys()
     for tensor in loaded.graph.initializer:
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), expected[tensor.name])
+
+
+# ------------------------------------------------------------- what the weightless checker cannot see
+def _refusal(tmp_path, data: bytes, capsys) -> str:
+    """The one error line of `bnfold fold` on a model file holding `data`; nothing is written."""
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data)
+    assert main(["fold", str(path), "-o", str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bnfold: error: {path}: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+    return err
+
+
+@pytest.mark.parametrize("extra", [4, 1], ids=["one-element-too-long", "not-whole-elements"])
+def test_raw_data_of_a_small_initializer_longer_than_its_shape_is_refused(tmp_path, big_model, capsys, extra):
+    """onnx's checker refuses raw_data too short for its dims, not too long: bnfold refuses both."""
+    mean = next(t for t in big_model.graph.initializer if t.name == "bn_mean")
+    mean.raw_data = mean.raw_data + bytes(extra)
+    err = _refusal(tmp_path, big_model.SerializeToString(), capsys)
+    assert "bnfold's check of the mapped weights rejects this model: TensorProto (tensor name: bn_mean) " \
+           f"raw_data size ({128 + extra} bytes) does not match the declared shape and type (128 bytes)" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda dim: setattr(dim[1], "dim_value", 0), "differ in dimension 1: (16) vs (0) for W"),
+    (lambda dim: dim.pop(), "differ in rank: (4) vs (3) for W"),
+    (None, "Inferred elem type differs from existing elem type: (1) vs (10) for W")], ids=["dim", "rank", "type"])
+def test_a_value_info_that_contradicts_a_mapped_weight_is_refused(tmp_path, big_model, capsys, change, message):
+    """The file checker's shape inference refuses it; the weightless copy declares W as an input,
+    which inference does not compare with value_info: bnfold compares them itself."""
+    info = helper.make_tensor_value_info("W", TensorProto.FLOAT16 if change is None else TensorProto.FLOAT,
+                                         [32, 16, 3, 3])
+    if change is not None:
+        change(info.type.tensor_type.shape.dim)
+    big_model.graph.value_info.append(info)
+    path = tmp_path / "file.onnx"
+    onnx.save(big_model, path)
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+        onnx.checker.check_model(str(path), full_check=True)
+    path.unlink()
+    assert message in _refusal(tmp_path, big_model.SerializeToString(), capsys)
+
+
+def test_a_value_info_that_agrees_with_a_mapped_weight_is_accepted(tmp_path, big_model):
+    info = helper.make_tensor_value_info("W", TensorProto.FLOAT, [32, "c", 3, None])
+    big_model.graph.value_info.append(info)
+    onnx.save(big_model, tmp_path / "m.onnx")
+    assert fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx").folded == 1
+
+
+def test_errors_the_checker_raises_as_value_errors_are_refusals(tmp_path, big_model, capsys):
+    """A name that is not UTF-8, an unknown data type: onnx's checker raises ValueError for these."""
+    data = big_model.SerializeToString()
+    assert data.count(b'"\x12BatchNormalization') == 1  # the op_type record
+    err = _refusal(tmp_path, data.replace(b'"\x12BatchNormalization', b'"\x12BatchNormalizatio\xff'), capsys)
+    assert "the ONNX checker rejects this model: 'utf-8' codec can't decode" in err
+    (tmp_path / "bad.onnx").unlink()
+    next(t for t in big_model.graph.initializer if t.name == "bn_B").data_type = 99
+    err = _refusal(tmp_path, big_model.SerializeToString(), capsys)
+    assert "the ONNX checker rejects this model: Invalid tensor data type 99" in err
+    with pytest.raises(BnfoldError, match="the ONNX checker rejects this model: Invalid tensor data type 99"):
+        load_model(tmp_path / "bad.onnx")  # the file checker raises it too

@@ -9,8 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from bnfold.wire import (FIXED32, FIXED64, GRAPH, INITIALIZER, LENGTH_DELIMITED, RAW_DATA, VARINT, copy_field,
-                         decode_varint, encode_varint, fields, record, record_prefix, tensor_payload_bytes)
+from bnfold.wire import (FIXED32, FIXED64, GRAPH, INITIALIZER, LENGTH_DELIMITED, RAW_DATA, VALUE_FIELDS, VARINT,
+                         copy_field, decode_varint, encode_varint, fields, record, record_prefix,
+                         tensor_payload_bytes)
 
 # Every 7-bit boundary of a varint, up to the largest uint64.
 BOUNDARIES = sorted({0, 1, 2**64 - 1} | {v for bits in range(7, 64, 7) for v in (2**bits - 1, 2**bits)})
@@ -19,6 +20,12 @@ BOUNDARIES = sorted({0, 1, 2**64 - 1} | {v for bits in range(7, 64, 7) for v in 
 def test_field_numbers_are_onnx_s():
     assert (GRAPH, INITIALIZER, RAW_DATA) == (7, 5, 9)
     assert (VARINT, FIXED64, LENGTH_DELIMITED, FIXED32) == (0, 1, 2, 5)
+
+
+def test_value_fields_are_every_field_that_holds_values():
+    """A tensor whose values are in none of these holds none (external data excepted)."""
+    holding = {f.name for f in TensorProto.DESCRIPTOR.fields if f.name.endswith("_data")} - {"external_data"}
+    assert sorted(VALUE_FIELDS) == sorted(holding) and len(VALUE_FIELDS) == 7
 
 
 @pytest.mark.parametrize("value", BOUNDARIES)
