@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from .compare import Comparison, Tolerance, compare_arrays
+from .dtypes import numpy_dtype
 from .inputs import Sample
 from .runtime import create_session
 
@@ -151,7 +152,7 @@ def _chunks(names: list[str], types: dict, sample: Sample) -> Iterator[list[str]
 
 def _estimated_bytes(tensor_type: onnx.TypeProto.Tensor, sample: Sample) -> int:
     """Inferred dims; a dim still unknown counts as the largest input dim of the sample."""
-    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).itemsize
+    itemsize = numpy_dtype(tensor_type.elem_type).itemsize
     largest = max((d for a in sample.feeds.values() for d in a.shape), default=1)
     dims = [d.dim_value if d.HasField("dim_value") else largest for d in tensor_type.shape.dim]
     return itemsize * math.prod(dims)

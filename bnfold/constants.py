@@ -11,12 +11,13 @@ the tensor's type only.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from .dtypes import numpy_dtype, onnx_type, to_array
 from .reasons import QUANTIZED_WEIGHTS, WEIGHTS_NOT_CONSTANT, WEIGHTS_OVERRIDABLE
 
 if TYPE_CHECKING:
@@ -93,7 +94,12 @@ class ConstantEvaluator:
             if source:
                 feeds[source] = self._dtype_only(node, source) if reads_type_only(node, position) \
                     else self._resolve(source, depth + 1)
-        quick = _evaluate_in_numpy(node, [feeds.get(source) for source in node.input])
+        try:
+            quick = _evaluate_in_numpy(node, [feeds.get(source) for source in node.input])
+        except NotConstant:
+            raise
+        except Exception as exc:  # a malformed constant (shape, dtype, attribute): numpy raises many types
+            raise NotConstant(WEIGHTS_NOT_CONSTANT, _cannot_evaluate(node, exc)) from None
         if quick is not None:
             return quick
         return self._run_reference(node, feeds)[name]
@@ -120,7 +126,7 @@ class ConstantEvaluator:
         tt = self.index.tensor_type(source)
         if tt is None or not tt.elem_type:
             raise NotConstant(WEIGHTS_NOT_CONSTANT, f"the dtype of {source} (read by {node.op_type}) is unknown")
-        return np.zeros((0,), dtype=onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        return np.zeros((0,), dtype=numpy_dtype(tt.elem_type))
 
     def _run_reference(self, node: onnx.NodeProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from onnx.reference import ReferenceEvaluator
@@ -132,12 +138,19 @@ class ConstantEvaluator:
         try:
             outputs = ReferenceEvaluator(graph, opsets=dict(self.index.context.opsets)).run(None, feeds)
         except Exception as exc:  # the reference implementation raises many types for bad inputs
-            raise NotConstant(WEIGHTS_NOT_CONSTANT,
-                              f"cannot evaluate {node.op_type} {node.name!r}: {exc}".splitlines()[0]) from None
+            raise NotConstant(WEIGHTS_NOT_CONSTANT, _cannot_evaluate(node, exc)) from None
         for output in outputs:
-            if np.asarray(output).nbytes > _LARGE_CONSTANT:
-                raise NotConstant(WEIGHTS_NOT_CONSTANT, f"{node.op_type} {node.name!r} yields a huge constant")
+            _require_small(node, np.asarray(output).nbytes)
         return {name: np.asarray(output) for name, output in zip(names, outputs)}
+
+
+def _cannot_evaluate(node: onnx.NodeProto, exc: Exception) -> str:
+    return f"cannot evaluate {node.op_type} {node.name!r}: {exc}".splitlines()[0]
+
+
+def _require_small(node: onnx.NodeProto, nbytes: int) -> None:
+    if nbytes > _LARGE_CONSTANT:
+        raise NotConstant(WEIGHTS_NOT_CONSTANT, f"{node.op_type} {node.name!r} yields a huge constant")
 
 
 def reads_type_only(node: onnx.NodeProto, position: int) -> bool:
@@ -153,7 +166,7 @@ def _evaluate_in_numpy(node: onnx.NodeProto, inputs: list) -> np.ndarray | None:
     if op == "Constant" and len(attrs) == 1:
         (key, attr), = attrs.items()
         if key == "value":
-            return numpy_helper.to_array(attr.t)
+            return to_array(attr.t)
         if key in ("value_int", "value_ints"):
             return np.array(onnx.helper.get_attribute_value(attr), dtype=np.int64)
         if key in ("value_float", "value_floats"):
@@ -162,9 +175,11 @@ def _evaluate_in_numpy(node: onnx.NodeProto, inputs: list) -> np.ndarray | None:
         return inputs[0]
     if op == "Expand" and len(inputs) == 2:
         value, shape = inputs
-        return np.array(np.broadcast_to(value, np.broadcast_shapes(value.shape, tuple(int(d) for d in shape))))
+        target = np.broadcast_shapes(value.shape, tuple(int(d) for d in shape))
+        _require_small(node, math.prod(target) * value.itemsize)  # before allocating it
+        return np.array(np.broadcast_to(value, target))
     if op in ("Cast", "CastLike") and inputs and inputs[0].dtype.kind in "fiu":
-        target = attrs["to"].i if op == "Cast" else onnx.helper.np_dtype_to_tensor_dtype(inputs[1].dtype)
+        target = attrs["to"].i if op == "Cast" else onnx_type(inputs[1].dtype)
         if target in _FLOAT_TYPES:
-            return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(target))
+            return inputs[0].astype(numpy_dtype(target))
     return None

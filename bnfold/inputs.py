@@ -25,6 +25,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
+from .dtypes import numpy_dtype
 from .errors import BnfoldError
 
 BATCHES = (1, 2)  # values tried for a free symbolic dim 0
@@ -61,7 +62,7 @@ class Sample:
 
 def dtype_name(elem_type: int) -> str:
     """`float32`, `bfloat16`, `int64`...: the name users know, for messages and reports."""
-    return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    return str(numpy_dtype(elem_type))
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -79,6 +80,10 @@ def _spec(value_info: onnx.ValueInfoProto) -> InputSpec:
     dims = None
     if tensor.HasField("shape"):
         dims = tuple(_dim(d) for d in tensor.shape.dim)
+    negative = [d for d in dims or () if isinstance(d, int) and d < 0]
+    if negative:  # onnx's checker lets them through; no tensor has such a shape
+        raise BnfoldError(f"input {value_info.name!r} declares a negative dim ({negative[0]})",
+                          note="a dim is a size, 0 or more, or symbolic")
     return InputSpec(value_info.name, tensor.elem_type, dims)
 
 
@@ -271,7 +276,7 @@ def generate_samples(specs: list[InputSpec], plan: ShapePlan, samples: int, seed
 
 
 def _random(spec: InputSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec.elem_type))
+    dtype = numpy_dtype(spec.elem_type)
     if dtype == np.bool_:
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if np.issubdtype(dtype, np.integer):
@@ -340,7 +345,7 @@ def _read_npz(file: Path) -> dict[str, np.ndarray]:
 def _conform(array: np.ndarray, spec: InputSpec, file: Path) -> np.ndarray:
     """The array in the input's dtype, if that loses nothing; raise if its shape or values do not fit."""
     _check_shape(spec, array.shape, f"{file}: ")
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(spec.elem_type))
+    dtype = numpy_dtype(spec.elem_type)
     if array.dtype == dtype:
         return array
     if array.dtype.kind == "V" and array.dtype.itemsize == dtype.itemsize:

@@ -22,10 +22,12 @@ from typing import Iterator, Mapping
 import numpy as np
 import onnx
 
+from .dtypes import numpy_dtype, onnx_type
 from .errors import BnfoldError, first_line
 
 LEVELS = ("disabled", "basic", "extended", "all")  # onnxruntime's graph optimization levels, in order
 CPU = "CPUExecutionProvider"
+FATAL_ONLY = 4  # onnxruntime's log severity levels: 0 verbose ... 3 error, 4 fatal
 _ORT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
@@ -51,10 +53,11 @@ def resolve_provider(name: str | None) -> str:
                       note=f"available: {', '.join(available)}", option="provider")
 
 
-def session_options(level: str = "disabled", *, threads: int | None = None, log_severity: int = 3):
+def session_options(level: str = "disabled", *, threads: int | None = None, log_severity: int = FATAL_ONLY):
     """SessionOptions at `level`, sequential, with `threads` intra-op threads (None: onnxruntime's choice).
 
-    The log severity defaults to errors only: warnings about unused initializers would drown reports.
+    The log severity defaults to fatal only: warnings about unused initializers would drown reports,
+    and onnxruntime's errors reach the user once, as the one-line error bnfold makes of them.
     """
     import onnxruntime as ort
 
@@ -72,7 +75,7 @@ def session_options(level: str = "disabled", *, threads: int | None = None, log_
 
 
 def create_session(model: ModelSource, *, level: str = "disabled", provider: str = CPU,
-                   threads: int | None = None, label: str = "model", log_severity: int = 3) -> "Session":
+                   threads: int | None = None, label: str = "model", log_severity: int = FATAL_ONLY) -> "Session":
     """A :class:`Session` of `model`; a BnfoldError naming `label` if onnxruntime refuses the model."""
     import onnxruntime as ort
 
@@ -151,16 +154,15 @@ def to_ort_value(array: np.ndarray):
     array = np.ascontiguousarray(array)
     if array.dtype.kind != "V":
         return ort.OrtValue.ortvalue_from_numpy(array)
-    onnx_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
     raw = array.view(np.dtype(f"u{array.dtype.itemsize}"))
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx_type)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(raw, onnx_type(array.dtype))
 
 
 def to_numpy(value, name: str, label: str) -> np.ndarray:
     """OrtValue -> numpy. onnxruntime cannot give bfloat16 (or float8) to numpy: copy their bytes."""
     if not value.is_tensor():
         raise BnfoldError(f"{label}: output {name!r} is not a tensor; only tensors can be compared")
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.element_type()))
+    dtype = numpy_dtype(value.element_type())
     if dtype.kind != "V":
         return value.numpy()
     shape = tuple(value.shape())

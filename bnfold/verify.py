@@ -110,6 +110,8 @@ def verify_models(reference: str | Path | onnx.ModelProto, candidate: str | Path
     options = options or VerifyOptions()
     ref_model, ref_label = _load(reference, "reference")
     cand_model, cand_label = _load(candidate, "candidate")
+    if not ref_model.graph.output:  # every comparison would pass: nothing would be checked
+        raise BnfoldError(f"{ref_label}: the model declares no outputs, so there is nothing to compare")
     specs = merge_specs(input_specs(ref_model), input_specs(cand_model))
     samples, notes = _samples(specs, options)
     provider = resolve_provider(options.provider)

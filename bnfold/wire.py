@@ -87,10 +87,11 @@ def record_prefix(field: int, length: int) -> bytes:
 
 def copy_field(target, field, value) -> None:
     """Set one field of `target` from (descriptor, value) as given by ListFields()."""
-    if field.is_repeated:
-        getattr(target, field.name).extend(value)
+    current = getattr(target, field.name)
+    if hasattr(current, "extend"):  # a repeated field (FieldDescriptor.is_repeated needs protobuf 6.31)
+        current.extend(value)
     elif field.message_type is not None:
-        getattr(target, field.name).CopyFrom(value)
+        current.CopyFrom(value)
     else:
         setattr(target, field.name, value)
 
@@ -105,7 +106,7 @@ def tensor_payload_bytes(tensor: onnx.TensorProto) -> int:
         total += _packed_size(name, width * len(getattr(tensor, name)))
     for name in _VARINTS:
         values = getattr(tensor, name)
-        total += _packed_size(name, _varints_size(values) if len(values) else 0)
+        total += _packed_size(name, _varints_size(values, name) if len(values) else 0)
     key = len(encode_varint(_FIELD_NUMBER["string_data"] << 3))
     total += sum(key + len(encode_varint(len(s))) + len(s) for s in tensor.string_data)
     return total
@@ -120,11 +121,11 @@ def _delimited_size(field: int, body: int) -> int:
     return len(record_prefix(field, body)) + body
 
 
-def _varints_size(values) -> int:
+def _varints_size(values, name: str) -> int:
     """Total varint width of integers as protobuf encodes them: negative int32/int64 values are
-    sign-extended to 64 bits (10 bytes)."""
-    array = np.asarray(values)
-    unsigned = array.astype(np.int64).view(np.uint64) if array.dtype.kind == "i" else array.astype(np.uint64)
+    sign-extended to 64 bits (10 bytes). The dtype is explicit: from the plain ints of protobuf
+    before 7.34, numpy would make float64 of values past 2**63."""
+    unsigned = np.asarray(values, np.uint64 if name == "uint64_data" else np.int64).view(np.uint64)
     width = np.ones(unsigned.shape, np.int64)
     for bits in range(7, 64, 7):
         width += unsigned >= np.uint64(1 << bits)

@@ -11,7 +11,7 @@ from bnfold.fold import fold_file, fold_model
 from bnfold.io import load_model, open_model, save_model
 from bnfold.mapped import is_stub, load_mapped
 from bnfold.wire import tensor_payload_bytes
-from tests.builders import conv_bn, gemm_bn
+from tests.builders import at_least, conv_bn, gemm_bn
 
 
 @pytest.fixture
@@ -95,8 +95,9 @@ def test_wrong_payload_size_of_a_mapped_tensor_is_rejected(tmp_path, big_model):
     onnx.save(big_model, path)
     with pytest.raises(BnfoldError, match="bnfold's check of the mapped weights rejects this model: .*raw_data size"):
         fold_file(path, tmp_path / "out.onnx")
-    with pytest.raises(onnx.checker.ValidationError):  # the same verdict as onnx's own checker
-        onnx.checker.check_model(str(path), full_check=True)
+    if at_least(onnx, "1.23"):  # the same verdict as onnx's own checker, which checks sizes since 1.23
+        with pytest.raises(onnx.checker.ValidationError):
+            onnx.checker.check_model(str(path), full_check=True)
 
 
 def test_checker_verdicts_agree_with_the_file_checker(tmp_path, big_model):

@@ -9,8 +9,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from bnfold.fold import fold_model
-from tests.builders import (assert_close, assert_same_function, bn_initializers, bn_node, bn_stats, make_model,
-                            op_types, random_feeds, run_ort, run_reference, tensor)
+from tests.builders import (assert_close, assert_same_function, at_least, bn_initializers, bn_node, bn_stats,
+                            make_model, op_types, random_feeds, run_ort, run_reference, tensor)
 
 
 def bn_conv(rng, *, groups=1, pads=None, auto_pad=None, kernel=3, strides=None, bias=True, c=4, m=6,
@@ -130,9 +130,15 @@ def test_bn_conv_same_with_unknown_size_is_refused(rng, dims, axis):
         "padding-prevents-fold", f"auto_pad=SAME_UPPER may pad spatial axis {axis}: its size is unknown")
 
 
+_OLD_REFERENCE_CONV = "onnx's reference Conv before 1.23 pads some auto_pad SAME cases wrongly"
+_DILATIONS = range(1, 3) if at_least(onnx, "1.23") else (1,)  # then only onnxruntime measures, undilated
+
+
 # onnxruntime refuses SAME with a dilation other than 1 ("Dilation not supported for AutoPadType::SAME_UPPER
 # or AutoPadType::SAME_LOWER"), so dilated cases are checked against onnx's reference evaluator alone.
 def _assert_same_reference_outputs(model, folded):
+    if not at_least(onnx, "1.23"):
+        pytest.skip(_OLD_REFERENCE_CONV)
     feeds = random_feeds(model, seed=0)
     assert_close(run_reference(model, feeds), run_reference(folded, feeds), 1e-4, 1e-4)
 
@@ -165,7 +171,7 @@ def _reads_padding(n, kernel, stride, dilation, auto_pad) -> bool:
     model = make_model([node], [tensor("x", np.float32, [1, 1, n])], [tensor("y", np.float32, None)],
                        [numpy_helper.from_array(np.ones((1, 1, kernel), np.float32), "W")])
     feeds = {"x": np.ones((1, 1, n), np.float32)}
-    runs = [run_reference] + ([run_ort] if dilation == 1 else [])
+    runs = ([run_reference] if at_least(onnx, "1.23") else []) + ([run_ort] if dilation == 1 else [])
     reads = {bool((run(model, feeds)["y"] != kernel).any()) for run in runs}
     assert len(reads) == 1
     return reads.pop()
@@ -174,7 +180,7 @@ def _reads_padding(n, kernel, stride, dilation, auto_pad) -> bool:
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
 def test_bn_conv_same_folds_exactly_when_no_output_reads_padding(rng, auto_pad):
     """Every size 1-8, kernel 1-3, stride 1-3, dilation 1-2: the rule folds iff the runtimes read no padding."""
-    for n, kernel, stride, dilation in itertools.product(range(1, 9), range(1, 4), range(1, 4), range(1, 3)):
+    for n, kernel, stride, dilation in itertools.product(range(1, 9), range(1, 4), range(1, 4), _DILATIONS):
         inits = bn_initializers(bn_stats(rng, 2), np.float32)
         inits.append(numpy_helper.from_array(np.ones((3, 2, kernel), np.float32), "W"))
         nodes = [bn_node("x", "bn_out"), helper.make_node("Conv", ["bn_out", "W"], ["y"], name="conv",
