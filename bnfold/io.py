@@ -21,6 +21,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import BnfoldError, first_line, signals_deferred
+from .graph import all_graphs
 from .external import DataFile, attach, bare, data_file_name
 from .mapped import (STUB_TYPES, MappedFile, declared_mismatch, has_record, is_stub, load_mapped, payload_mismatch,
                      weightless)
@@ -37,7 +38,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     """
     path = Path(path)
     _validate_file(path, check)
-    return _parse(path)
+    model = _parse(path)
+    _check_names(model, path)
+    return model
 
 
 def open_model(path: str | os.PathLike, scratch_dir: str | os.PathLike | None = None
@@ -62,6 +65,7 @@ def open_model(path: str | os.PathLike, scratch_dir: str | os.PathLike | None = 
     try:
         attach(model, path, source)
         _check_mapped(model, path)
+        _check_names(model, path)
     except BaseException:
         source.close()
         raise
@@ -89,6 +93,19 @@ def _check_mapped(model: onnx.ModelProto, path: Path) -> None:
         onnx.checker.check_model(weightless(model), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         raise _rejected(path, first_line(exc)) from exc  # ValueError: an unknown data type, a name not UTF-8...
+
+
+def _check_names(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a name that is not UTF-8 text: protobuf hands it over as bytes, which no report, table or
+    JSON can show, and onnx's checker does not look at node and value names."""
+    for graph in all_graphs(model.graph):
+        values = [graph.input, graph.output, graph.value_info, graph.initializer]
+        names = [graph.name] + [v.name for group in values for v in group]
+        for node in graph.node:
+            names += [node.name, node.op_type, node.domain, *node.input, *node.output]
+        bad = next((name for name in names if not isinstance(name, str)), None)
+        if bad is not None:
+            raise _rejected(path, f"the name {bad!r} is not UTF-8 text", by="bnfold")
 
 
 def _rejected(path: Path, reason: str, by: str = "the ONNX checker") -> BnfoldError:
