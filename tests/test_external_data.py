@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold.mapped as mapped
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.external import ALIGNMENT, data_file_name
+from bnfold.external import ALIGNMENT, NOTE, data_file_name
 from bnfold.fold import fold_file, fold_model
 from bnfold.io import load_model, open_model, save_model
 from bnfold.mapped import SCRATCH, is_stub
@@ -305,6 +305,9 @@ BAD_ENTRIES = {
     "negative-offset": ({"offset": "-4"}, "invalid offset '-4'"),
     "text-length": ({"length": "lots"}, "invalid length 'lots'"),
     "past-the-end": ({"offset": "100000000"}, "lie past the end of weights.bin"),
+    "every-digit": ({"offset": "1234567890"}, "bytes 1234567890 to 1234577106 lie past the end of weights.bin"),
+    "length-past-the-end": ({"offset": "0", "length": "100000000"},
+                            "bytes 0 to 100000000 lie past the end of weights.bin"),
     "short-length": ({"length": "1024"}, "1024 bytes in weights.bin, but its shape and type need 9216 bytes"),
     "missing-file": ({"location": "nowhere.bin"}, "cannot open nowhere.bin (No such file or directory)"),
     "a-folder": ({"location": "sub"}, "sub is not a regular file"),
@@ -313,14 +316,18 @@ BAD_ENTRIES = {
 
 @pytest.mark.parametrize("changes, message", BAD_ENTRIES.values(), ids=BAD_ENTRIES.keys())
 def test_a_bad_external_data_entry_is_one_line(tmp_path, model, capsys, changes, message):
+    """Each refusal of where the bytes are says where they must be (the note); a length that does
+    not fit the shape is about the tensor, not its file, and has none."""
     path = tmp_path / "m.onnx"
     save_external(model, path)
     (tmp_path / "sub").mkdir()
     _rewrite_entries(path, **changes)
     before = sorted(p.name for p in tmp_path.iterdir())
+    note = None if "shape and type need" in message else NOTE
     for loader in (open_model, load_model):
-        with pytest.raises(BnfoldError, match=re.escape(message)):
+        with pytest.raises(BnfoldError, match=re.escape(message)) as error:
             loader(path, check=False) if loader is load_model else loader(path)
+        assert error.value.note == note
     assert main(["fold", str(path), "-o", str(tmp_path / "out.onnx")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"bnfold: error: {path}: external data of W1") and message in err and err.count("\n") == 1
@@ -356,8 +363,21 @@ def test_a_tensor_with_external_data_and_values_in_the_model_file_is_refused(tmp
     with pytest.raises(onnx.checker.ValidationError, match="stored externally"):
         onnx.checker.check_model(str(path))
     for loader in (open_model, lambda p: load_model(p, check=False)):
-        with pytest.raises(BnfoldError, match="external data of W1: the tensor also holds values in the model file"):
+        with pytest.raises(BnfoldError) as error:
             loader(path)
+        assert str(error.value) == (f"{path}: external data of W1: the tensor also holds values in the model file "
+                                    "(the ONNX checker rejects a tensor stored externally with a data field)")
+
+
+def test_values_in_a_typed_field_of_an_external_tensor_are_refused_too(tmp_path, model):
+    """float_data counts as values in the model file, as raw_data does."""
+    path = tmp_path / "m.onnx"
+    save_external(model, path)
+    bare = bare_model(path)
+    next(t for t in bare.graph.initializer if t.name == "W1").float_data.extend([1.0] * 2304)
+    path.write_bytes(bare.SerializeToString())
+    with pytest.raises(BnfoldError, match="external data of W1: the tensor also holds values in the model file"):
+        load_model(path, check=False)
 
 
 # ------------------------------------------------------------------------------ copying unchanged bytes
@@ -496,3 +516,149 @@ def test_a_fold_that_passes_2_gb_writes_external_data(tmp_path, rng):
     assert (tmp_path / "out.onnx.data").stat().st_size > 2**31
     assert (tmp_path / "out.onnx").stat().st_size < 1 << 20
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+# ------------------------------------------------------------------------ spans, reads, tensors found
+def _externalize(folder, tensors, name="w.bin") -> None:
+    """Move each tensor's raw_data into `folder`/`name`, one after the other, and point it there."""
+    with open(folder / name, "ab") as handle:
+        for t in tensors:
+            offset = handle.tell()
+            handle.write(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", name), ("offset", offset), ("length", handle.tell() - offset)):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
+
+
+def test_a_length_left_out_at_the_end_of_the_file_is_zero_bytes(tmp_path, model):
+    """Without a length, an offset at the end of the file leaves 0 bytes: a length error, not a span past the end."""
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    bare = bare_model(path)
+    w1 = next(t for t in bare.graph.initializer if t.name == "W1")
+    _externalize(tmp_path, [w1], "w1.bin")
+    del w1.external_data[1:]
+    entry = w1.external_data.add()
+    entry.key, entry.value = "offset", "9216"
+    onnx.save(bare, path)
+    with pytest.raises(BnfoldError, match=re.escape("W1: 0 bytes in w1.bin, but its shape and type need 9216 bytes")):
+        load_model(path, check=False)
+
+
+def test_a_negative_dimension_of_an_external_tensor_is_named(tmp_path, model):
+    path = tmp_path / "m.onnx"
+    save_external(model, path)
+    bare = bare_model(path)
+    next(t for t in bare.graph.initializer if t.name == "W1").dims[0] = -16
+    onnx.save(bare, path)
+    with pytest.raises(BnfoldError, match=re.escape("9216 bytes in weights.bin, but its shape and type need a "
+                                                    "negative dimension")):
+        open_model(path)
+
+
+def test_an_unnamed_tensor_is_named_as_such(tmp_path):
+    """A Constant's value has no name of its own: the error still says which kind of tensor it is."""
+    value = numpy_helper.from_array(np.zeros(300, np.float32), "")
+    model = make_model([helper.make_node("Constant", [], ["y"], value=value)], [], [tensor("y", np.float32, [300])], [])
+    value = model.graph.node[0].attribute[0].t
+    _externalize(tmp_path, [value])
+    del value.external_data[0]  # the location
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(BnfoldError, match="external data of an unnamed tensor has no location"):
+        load_model(tmp_path / "m.onnx", check=False)
+
+
+def test_a_read_error_is_one_line_with_the_note(tmp_path, model, monkeypatch):
+    path = tmp_path / "m.onnx"
+    save_external(model, path)
+
+    def failing(*args):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(os, "pread", failing)
+    with pytest.raises(BnfoldError) as error:
+        load_model(path, check=False)
+    assert str(error.value) == f"{path}: cannot read external data (Input/output error)"
+    assert error.value.note == NOTE
+
+
+def test_a_file_that_ends_while_being_read_is_one_line(tmp_path, model, monkeypatch):
+    """Truncated after its size was checked: pread returns fewer bytes than the span."""
+    path = tmp_path / "m.onnx"
+    save_external(model, path)
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, count, offset: real(fd, count, offset)[:-1])
+    with pytest.raises(BnfoldError) as error:
+        load_model(path, check=False)
+    assert str(error.value) == f"{path}: external data of W1: weights.bin ended while being read"
+    assert error.value.note == NOTE
+
+
+def test_only_main_graph_initializers_stay_mapped(tmp_path):
+    """Sparse initializers, and a function's Constants and subgraph initializers, are read in, never
+    stubs, even when large enough to map."""
+    values = np.arange(300, dtype=np.float32)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(values, "S"),
+                                       numpy_helper.from_array(np.arange(300, dtype=np.int64) * 2), [600])
+    branch = helper.make_graph([helper.make_node("Add", ["k", "c"], ["t"])], "then", [],
+                               [tensor("t", np.float32, [300])], [numpy_helper.from_array(values + 1, "k")])
+    branch.node.insert(0, helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(values + 2, "c")))
+    body = [helper.make_node("Constant", [], ["f"], value=numpy_helper.from_array(values + 3, "f")),
+            helper.make_node("If", ["cond"], ["out"], then_branch=branch,
+                             else_branch=helper.make_graph([helper.make_node("Identity", ["f"], ["e"])], "else", [],
+                                                           [tensor("e", np.float32, [300])]))]
+    function = helper.make_function("local", "F", ["cond"], ["out"], body, [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("F", ["cond"], ["y"], domain="local")], "g",
+                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [tensor("y", np.float32, [300])], sparse_initializer=[sparse])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    g = model.graph
+    then = next(a.g for a in model.functions[0].node[1].attribute if a.name == "then_branch")
+    inner = [g.sparse_initializer[0].values, g.sparse_initializer[0].indices, then.initializer[0],
+             then.node[0].attribute[0].t, model.functions[0].node[0].attribute[0].t]
+    _externalize(tmp_path, inner)
+    onnx.save(model, tmp_path / "m.onnx")
+    loaded, source = open_model(tmp_path / "m.onnx")
+    if source is not None:
+        source.close()
+    assert loaded == expected
+
+
+def test_the_data_file_layout_at_the_size_boundaries(tmp_path):
+    """A payload of exactly STUB_MIN_BYTES leaves the model file (float_data too), small payloads follow
+    each other with no padding, and one of exactly ALIGNMENT bytes starts on a multiple of it; a
+    main-graph initializer of exactly STUB_MIN_BYTES stays mapped when read back."""
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.normal(0, 1, n).astype(np.float32) for n in (256, 256, 1024))
+    inits = [helper.make_tensor("A", TensorProto.FLOAT, [256], a), numpy_helper.from_array(b, "B"),
+             numpy_helper.from_array(c, "C")]
+    model = make_model([helper.make_node("Identity", [x], [x.lower()]) for x in "ABC"], [],
+                       [tensor("a", np.float32, [256]), tensor("b", np.float32, [256]), tensor("c", np.float32, [1024])],
+                       inits)
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    spans = {t.name: {e.key: e.value for e in t.external_data} for t in bare_model(tmp_path / "out.onnx").graph.initializer}
+    assert {name: (int(s["offset"]), int(s["length"])) for name, s in spans.items()} == \
+        {"A": (0, 1024), "B": (1024, 1024), "C": (4096, 4096)}
+    assert (tmp_path / "out.onnx.data").stat().st_size == 8192
+    loaded, source = open_model(tmp_path / "out.onnx")
+    try:
+        assert [is_stub(t) for t in loaded.graph.initializer] == [True, True, True]
+        for t, values in zip(loaded.graph.initializer, (a, b, c)):
+            np.testing.assert_array_equal(source.array(t), values)
+    finally:
+        source.close()
+
+
+def test_a_large_string_tensor_stays_in_the_model_file(tmp_path):
+    """Strings have no raw_data form: however many there are, they are not moved to OUT.data."""
+    words = np.array([f"word {i}".encode() for i in range(300)], dtype=object)
+    model = make_model([helper.make_node("Identity", ["S"], ["y"])], [],
+                       [helper.make_tensor_value_info("y", TensorProto.STRING, [300])],
+                       [numpy_helper.from_array(words, "S")])
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    assert bare_model(tmp_path / "out.onnx").graph.initializer[0].data_location != TensorProto.EXTERNAL
+    assert onnx.load(tmp_path / "out.onnx").graph.initializer[0] == model.graph.initializer[0]

@@ -264,3 +264,22 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(folder, model):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_symlink_slipped_in_after_the_check_is_not_followed(folder, model, monkeypatch):
+    """The location was checked inside the folder; if the file is then swapped for a symlink out of it
+    before it is opened, the open refuses to follow it (O_NOFOLLOW) instead of reading outside."""
+    path = folder / "m.onnx"
+    save_external(model, path)
+    (folder.parent / "secret.bin").write_bytes(bytes(20000))
+    target, real = str((folder / "weights.bin").resolve()), os.open
+
+    def swapped(name, *args, **kwargs):
+        if os.fspath(name) == target and not os.path.islink(target):
+            os.rename(target, target + ".moved")
+            os.symlink(folder.parent / "secret.bin", target)
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(os, "open", swapped)
+    with pytest.raises(BnfoldError, match="external data of W1: cannot open weights.bin "
+                                          r"\(Too many levels of symbolic links\)"):
+        load_model(path, check=False)
