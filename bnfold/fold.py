@@ -36,13 +36,23 @@ class VerificationFailed(BnfoldError):
     """`fold --verify` found the folded model computes something else; nothing was written."""
 
     def __init__(self, report: FoldReport):
-        super().__init__(f"{report.model}: the folded model's outputs differ from the original's; "
-                         "nothing was written", note="see the verify report above; a BatchNormalization "
-                         "excluded by name is left as it is", exit_code=EXIT_CHECK_FAILED)
+        super().__init__(f"{report.model}: {_why_rejected(report)}; nothing was written",
+                         note="see the verify report above; a BatchNormalization excluded by name is left "
+                              "as it is", exit_code=EXIT_CHECK_FAILED)
         self.report = report
 
     def __reduce__(self):
         return type(self), (self.report,)
+
+
+def _why_rejected(report: FoldReport) -> str:
+    """What verification found: different values, or only NaN/Inf, which it never accepts (a model whose
+    own outputs are not finite cannot be shown to compute the same)."""
+    samples = report.verification.samples if report.verification is not None else ()
+    failing = [c for sample in samples for c in sample.outputs if not c]
+    if failing and all(c.problem is None and not c.mismatched for c in failing):
+        return "the outputs hold NaN or Inf, which verification never accepts"
+    return "the folded model's outputs differ from the original's"
 
 
 def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None, *,

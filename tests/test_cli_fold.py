@@ -300,3 +300,21 @@ def test_a_bug_folding_one_file_is_reported_as_inspect_reports_it(model_file, tm
         lines.append(capsys.readouterr().err)
     assert lines[0] == lines[1] == ("bnfold: internal error: RuntimeError: a bug. Note: rerun with --debug for "
                                     "the traceback and report it.\n")
+
+
+@pytest.mark.parametrize("poison, said", [
+    (np.nan, "the outputs hold NaN or Inf, which verification never accepts"),
+    (None, "the folded model's outputs differ from the original's")])
+def test_verify_says_whether_values_differ_or_are_not_finite(model_file, tmp_path, capsys, poison, said):
+    """A NaN input makes both models' outputs NaN: the same function, but verification cannot show it,
+    and says so rather than that the fold changed the outputs. A zero tolerance rejects float32 rounding."""
+    x = np.random.default_rng(0).normal(size=(2, 4, 7, 7)).astype(np.float32)
+    if poison is not None:
+        x[0, 0, 0, 0] = poison
+    np.savez(tmp_path / "x.npz", x=x)
+    tolerance = [] if poison is not None else ["--atol", "0", "--rtol", "0"]
+    out = tmp_path / "out.onnx"
+    code = main(["fold", str(model_file), "-o", str(out), "--verify", "--inputs", str(tmp_path / "x.npz"), *tolerance])
+    err = capsys.readouterr().err
+    assert code == 1 and not out.exists()
+    assert f"bnfold: error: {model_file}: {said}; nothing was written" in err
