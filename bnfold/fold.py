@@ -7,7 +7,6 @@ themselves, and their order, are in :mod:`bnfold.passes`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from functools import partial
@@ -88,8 +87,8 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
 
 def _verify_staged(original, output_path, options, report: FoldReport, staged: Path) -> None:
     from .verify import verify_models
-    verification = verify_models(original, staged, options)
-    report.verification = dataclasses.replace(verification, candidate=str(output_path or "(not written)"))
+    verification = verify_models(original, staged, options, candidate_label=str(output_path or "(not written)"))
+    report.verification = verification
     if not verification:
         raise VerificationFailed(report)
 

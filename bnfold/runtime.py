@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -85,7 +86,10 @@ def create_session(model: ModelSource, *, level: str = "disabled", provider: str
         with serialized(model) as source:
             session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:  # onnxruntime raises several unrelated types for bad models
-        raise BnfoldError(f"{label}: onnxruntime cannot create a session ({first_line(exc)})") from exc
+        said = first_line(exc)
+        if isinstance(model, (str, os.PathLike)):  # onnxruntime quotes the file it was given: say `label`
+            said = said.replace(str(model), label)
+        raise BnfoldError(f"{label}: onnxruntime cannot create a session ({said})") from exc
     return Session(session, label)
 
 

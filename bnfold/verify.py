@@ -105,11 +105,14 @@ class VerifyReport:
 
 # --------------------------------------------------------------------------------------------- verify
 def verify_models(reference: str | Path | onnx.ModelProto, candidate: str | Path | onnx.ModelProto,
-                  options: VerifyOptions | None = None) -> VerifyReport:
-    """Run both models on the same inputs and compare every output; bisect on a mismatch if asked."""
+                  options: VerifyOptions | None = None, *, candidate_label: str | None = None) -> VerifyReport:
+    """Run both models on the same inputs and compare every output; bisect on a mismatch if asked.
+    `candidate_label` names the candidate in errors and the report instead of its path (fold --verify:
+    the output the user asked for, not its staged copy)."""
     options = options or VerifyOptions()
     ref_model, ref_label = _load(reference, "reference")
     cand_model, cand_label = _load(candidate, "candidate")
+    cand_label = candidate_label or cand_label
     if not ref_model.graph.output:  # every comparison would pass: nothing would be checked
         raise BnfoldError(f"{ref_label}: the model declares no outputs, so there is nothing to compare")
     specs = merge_specs(input_specs(ref_model), input_specs(cand_model))

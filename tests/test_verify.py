@@ -636,3 +636,20 @@ def _imported_after(code: str) -> set[str]:
 def test_building_the_parser_imports_neither_onnxruntime_nor_matplotlib():
     imported = _imported_after("import bnfold.cli\nbnfold.cli.build_parser()")
     assert "onnxruntime" not in imported and "matplotlib" not in imported and "torch" not in imported
+
+
+def test_candidate_label_names_the_candidate_in_errors(tmp_path, rng):
+    """fold --verify verifies a staged copy: its errors and report name the output the user asked for."""
+    from bnfold.verify import verify_models
+    from tests.builders import conv_bn
+    reference = tmp_path / "m.onnx"
+    onnx.save(conv_bn(rng), reference)
+    broken = conv_bn(rng)
+    broken.graph.node[0].op_type = "NoSuchOp"
+    staged = tmp_path / ".staged.tmp"
+    staged.write_bytes(broken.SerializeToString())
+    with pytest.raises(BnfoldError) as caught:
+        verify_models(reference, staged, candidate_label="out.onnx")
+    assert "out.onnx" in caught.value.message and ".staged.tmp" not in caught.value.message
+    report = verify_models(reference, reference, candidate_label="out.onnx")
+    assert (report.reference, report.candidate) == (str(reference), "out.onnx")
