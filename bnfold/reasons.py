@@ -26,6 +26,8 @@ INVALID_STATISTICS = "invalid-statistics"
 DTYPE_UNSUPPORTED = "dtype-unsupported"
 DTYPE_OVERFLOW = "dtype-overflow"
 EXCLUDED_BY_USER = "excluded-by-user"
+DROPOUT_IN_TRAINING_MODE = "dropout-in-training-mode"
+DROPOUT_MASK_USED = "dropout-mask-used"
 
 MEANINGS = {
     FOLDED: "folded into its neighbour",
@@ -48,4 +50,7 @@ MEANINGS = {
     DTYPE_UNSUPPORTED: "the weight dtype is not float16/bfloat16/float32/float64",
     DTYPE_OVERFLOW: "the folded weights would overflow the weight dtype",
     EXCLUDED_BY_USER: "excluded by the user (--exclude-node)",
+    DROPOUT_IN_TRAINING_MODE: "a Dropout between the BN and its neighbour may drop values (is_test=0, or "
+                              "training_mode not a constant false)",
+    DROPOUT_MASK_USED: "a Dropout between the BN and its neighbour has its mask output read",
 }

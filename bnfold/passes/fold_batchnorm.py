@@ -80,7 +80,7 @@ def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str], p
             continue
         _describe(decision, rule, match)
         rule.rewrite(match, plan, index)
-        decision.reason, decision.detail = FOLDED, rule.summary
+        decision.reason, decision.detail = FOLDED, rule.summary + _through(match)
         return decision
     if first_refusal is not None:
         rule, match, refusal = first_refusal
@@ -95,6 +95,13 @@ def _describe(decision: Decision, rule, match) -> None:
     decision.rule = rule.name
     decision.neighbour = match.neighbour.name
     decision.neighbour_op = match.neighbour.op_type
+
+
+def _through(match) -> str:
+    """The Identity/Dropout nodes a fold removed with the BN, in words ("" when none)."""
+    if not match.chain:
+        return ""
+    return "; removed " + ", ".join(f"{n.op_type} {n.name!r}" for n in match.chain) + " between them"
 
 
 def _neighbourhood(bn: onnx.NodeProto, index: GraphIndex) -> str:

@@ -5,7 +5,8 @@ scales the columns of B' and maps C through the affine; the result keeps alpha, 
 has a C (shape [N] unless the old C varied along M). MatMul: only a 2-D output is foldable, because BN's
 channel axis 1 is then MatMul's last axis; a rank-3 output would put BN on the sequence axis.
 Conditions: every tensor the fold changes (the Gemm/MatMul output, the Add output) is read by the
-next node only; weights, bias and BN parameters are constants.
+next node only (also through Identity/Dropout nodes that are identities:
+rules/base.require_transparent_path); weights, bias and BN parameters are constants.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ..graph import GraphIndex
 from ..math import fold_after_gemm, fold_after_matmul
 from ..reasons import CHANNEL_AXIS_MISMATCH, RANK_UNSUPPORTED
 from .base import (FoldRule, Match, Plan, Refusal, absorb_into_producer, attribute, bn_affine, cast_checked,
-                   constant, known_rank, optional_constant, producer_of, require_exclusive, set_folded_input,
+                   constant, drop_chain, known_rank, optional_constant, producer_of, require_exclusive,
+                   require_transparent_path, set_folded_input,
                    weight_dtype, write_plan)
 
 
@@ -26,12 +28,11 @@ class GemmThenBN(FoldRule):
     summary = "scaled the columns of B' and mapped C (beta = 1)"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        gemm = producer_of(bn, index, ("Gemm",))
-        return Match(bn, gemm) if gemm is not None else None
+        return producer_of(bn, index, ("Gemm",))
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         gemm, bn = match.neighbour, match.bn
-        require_exclusive(index, gemm.output[0], bn, "Gemm")
+        require_transparent_path(index, match, gemm, bn, "Gemm")
         b_matrix = constant(index, gemm.input[1], "Gemm B")
         c = optional_constant(index, gemm, 2, "Gemm C")
         dtype = weight_dtype(b_matrix, "Gemm B")
@@ -47,6 +48,7 @@ class GemmThenBN(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         gemm, bn = match.neighbour, match.bn
+        drop_chain(index, match)
         write_plan(index, gemm, plan, {1: "B", 2: "C"}, gemm.name or bn.name)
         absorb_into_producer(index, bn, gemm)
 
@@ -57,23 +59,23 @@ class MatMulThenBN(FoldRule):
     summary = "scaled the weight's columns and mapped (or added) the bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        matmul = producer_of(bn, index, ("MatMul",))
-        if matmul is not None:
-            return Match(bn, matmul)
-        add = producer_of(bn, index, ("Add",))
-        for operand in add.input if add is not None else ():
+        found = producer_of(bn, index, ("MatMul",))
+        if found is not None:
+            return found
+        found = producer_of(bn, index, ("Add",))
+        for operand in found.neighbour.input if found is not None else ():
             matmul = index.producer.get(operand)
             if matmul is not None and matmul.op_type == "MatMul" and matmul.domain in ("", "ai.onnx"):
-                return Match(bn, matmul, bias_add=add)
+                return Match(bn, matmul, bias_add=found.neighbour, chain=found.chain)
         return None
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         matmul, add, bn = match.neighbour, match.bias_add, match.bn
         if add is not None:
-            require_exclusive(index, add.output[0], bn, "Add")
+            require_transparent_path(index, match, add, bn, "Add")
             require_exclusive(index, matmul.output[0], add, "MatMul")
         else:
-            require_exclusive(index, matmul.output[0], bn, "MatMul")
+            require_transparent_path(index, match, matmul, bn, "MatMul")
         weight = constant(index, matmul.input[1], "MatMul right operand")
         bias = constant(index, _bias_operand(add, matmul), "Add bias") if add is not None else None
         dtype = weight_dtype(weight, "MatMul right operand")
@@ -91,6 +93,7 @@ class MatMulThenBN(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         matmul, add, bn = match.neighbour, match.bias_add, match.bn
+        drop_chain(index, match)
         write_plan(index, matmul, plan, {1: "W"}, matmul.name or bn.name)
         if add is not None:
             position = list(add.input).index(_bias_operand(add, matmul))

@@ -8,7 +8,9 @@ in all (ONNX Conv; stride s, kernel k, dilation d), and the first or last output
 adds; that is 0 at every size when (k - 1) * d = 0 (a 1x1 kernel, any stride), otherwise n must be known.
 For Gemm the BN's channel axis must be A's axis 1 with transA = 0 (the reduced axis K); for MatMul the
 BN's input must be 2-D (its channel axis 1 is then the reduced axis). Conditions: the BN's output is
-read by the consumer only, as its data input (input 0), and is not a graph output.
+read by the consumer only, as its data input (input 0), and is not a graph output; or it reaches the
+consumer through a chain of Identity/Dropout nodes that are identities, each tensor on the way read by
+the next node only (rules/base.require_transparent_path).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
 from ..reasons import CHANNEL_AXIS_MISMATCH, PADDING_PREVENTS_FOLD, RANK_UNSUPPORTED
 from .base import (FoldRule, Match, Plan, Refusal, absorb_into_consumer, attribute, bn_affine, cast_checked,
-                   constant, conv_operands, known_rank, optional_constant, require_exclusive, sole_consumer_of, weight_dtype,
-                   write_plan)
+                   constant, conv_operands, drop_chain, known_rank, optional_constant, require_transparent_path,
+                   sole_consumer_of, weight_dtype, write_plan)
 
 
 class BNThenConv(FoldRule):
@@ -30,12 +32,11 @@ class BNThenConv(FoldRule):
     summary = "scaled its input channels and added W * shift to its bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        conv = sole_consumer_of(bn, index, ("Conv",))
-        return Match(bn, conv) if conv is not None else None
+        return sole_consumer_of(bn, index, ("Conv",))
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         conv, bn = match.neighbour, match.bn
-        require_exclusive(index, bn.output[0], conv, "BN")
+        require_transparent_path(index, match, bn, conv, "BN")
         weight, bias, groups = conv_operands(index, conv)
         dtype = weight_dtype(weight, "Conv weight")
         _check_no_padding(conv, weight, index)
@@ -45,6 +46,7 @@ class BNThenConv(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         conv, bn = match.neighbour, match.bn
+        drop_chain(index, match)
         write_plan(index, conv, plan, {1: "W", 2: "B"}, conv.name or bn.name)
         absorb_into_consumer(index, bn, conv)
 
@@ -95,12 +97,11 @@ class BNThenLinear(FoldRule):
     summary = "scaled the weight's rows and added shift @ W to the bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        node = sole_consumer_of(bn, index, ("Gemm", "MatMul"))
-        return Match(bn, node) if node is not None else None
+        return sole_consumer_of(bn, index, ("Gemm", "MatMul"))
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         node, bn = match.neighbour, match.bn
-        require_exclusive(index, bn.output[0], node, "BN")
+        require_transparent_path(index, match, bn, node, "BN")
         weight = constant(index, node.input[1], f"{node.op_type} weight")
         dtype = weight_dtype(weight, f"{node.op_type} weight")
         if weight.ndim != 2:
@@ -133,6 +134,7 @@ class BNThenLinear(FoldRule):
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         node, bn = match.neighbour, match.bn
+        drop_chain(index, match)
         write_plan(index, node, plan, {1: "W", 2: "C"}, node.name or bn.name)
         absorb_into_consumer(index, bn, node)
         if node.op_type == "Gemm":
