@@ -29,6 +29,7 @@ import onnx
 
 from .dtypes import numpy_dtype, to_array
 from .errors import BnfoldError
+from .graph import all_graphs, nested_graphs
 from .mapped import STUB_MIN_BYTES, STUB_TYPES, MappedFile, expected_bytes, is_stub, make_stub
 from .wire import VALUE_FIELDS, copy_field
 
@@ -92,27 +93,17 @@ def _tensors(model: onnx.ModelProto):
     """(tensor, is a main-graph initializer) for every tensor of the model that may hold values:
     initializers (sparse ones too) of every graph and the tensors of node attributes, in functions too."""
     yield from ((t, True) for t in model.graph.initializer)
-    for graph in subgraphs(model.graph.node, include_self=model.graph):
+    for graph in all_graphs(model.graph):
         if graph is not model.graph:
             yield from ((t, False) for t in graph.initializer)
         for sparse in graph.sparse_initializer:
             yield from ((t, False) for t in (sparse.values, sparse.indices))
         yield from ((t, False) for t in _attribute_tensors(graph.node))
     for function in model.functions:
-        for graph in subgraphs(function.node):
+        for graph in nested_graphs(function.node):
             yield from ((t, False) for t in graph.initializer)
             yield from ((t, False) for t in _attribute_tensors(graph.node))
         yield from ((t, False) for t in _attribute_tensors(function.node))
-
-
-def subgraphs(nodes, include_self: onnx.GraphProto | None = None):
-    """`include_self` (if given), then every graph nested in `nodes`' attributes, outermost first."""
-    if include_self is not None:
-        yield include_self
-    for node in nodes:
-        for attr in node.attribute:
-            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from subgraphs(graph.node, include_self=graph)
 
 
 def _attribute_tensors(nodes):
@@ -235,7 +226,7 @@ class DataFile:
 
     def add_nested(self, graph: onnx.GraphProto) -> None:
         """Move the values of the initializers of every subgraph of `graph` (a copy bnfold owns) here."""
-        for sub in subgraphs(graph.node):
+        for sub in nested_graphs(graph.node):
             for tensor in sub.initializer:
                 header = self.add(tensor, None)
                 if header is not None:

@@ -26,13 +26,13 @@ class TensorType:
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The bodies of a node's graph attributes (If branches, Loop and Scan bodies)."""
-    found = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            found.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            found.extend(attr.graphs)
-    return found
+    return [body for attr in node.attribute for body in _bodies(attr)]
+
+
+def _bodies(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The graphs an attribute holds, whatever its declared type says: external data is checked in
+    every graph before the checker could refuse a mistyped attribute."""
+    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
 
 
 def walk_graphs(graph: onnx.GraphProto, path: str = "", parent: onnx.GraphProto | None = None):
@@ -44,7 +44,7 @@ def walk_graphs(graph: onnx.GraphProto, path: str = "", parent: onnx.GraphProto 
     yield path, graph, parent
     for node in list(graph.node):
         for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            bodies = _bodies(attr)
             for i, sub in enumerate(bodies):
                 where = f"{path}/{node.name or node.op_type}:{attr.name}" + (f"[{i}]" if len(bodies) > 1 else "")
                 yield from walk_graphs(sub, where.lstrip("/"), graph)
@@ -54,6 +54,13 @@ def all_graphs(graph: onnx.GraphProto):
     """`graph` and every graph nested in it, outermost first."""
     for _, sub, _ in walk_graphs(graph):
         yield sub
+
+
+def nested_graphs(nodes):
+    """Every graph nested in `nodes`' attributes (a graph's or a function's nodes), outermost first."""
+    for node in nodes:
+        for body in subgraphs(node):
+            yield from all_graphs(body)
 
 
 def subgraph_names_used(node: onnx.NodeProto) -> set[str]:
