@@ -193,6 +193,7 @@ class GraphIndex:
             self._link(node)
         self.constants = ConstantEvaluator(self)
         self.released: set[str] = set()  # names some node stopped reading or producing
+        self.excluded: frozenset[str] = parent.excluded if parent is not None else frozenset()  # nodes no fold changes
         self._declared = {v.name: v for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
 
     def _link(self, node: onnx.NodeProto) -> None:
@@ -268,9 +269,11 @@ class GraphIndex:
         self._unlink(node)
         del self.graph.node[self.position(node)]
 
-    def insert_node(self, position: int, node: onnx.NodeProto) -> None:
+    def insert_node(self, position: int, node: onnx.NodeProto) -> onnx.NodeProto:
+        """Insert a copy of `node` (protobuf copies on insert) and return the copy in the graph."""
         self.graph.node.insert(position, node)
         self._link(self.graph.node[position])
+        return self.graph.node[position]
 
     def add_initializer(self, values: np.ndarray, base: str) -> str:
         """Store `values` as a new initializer under a fresh name (IR < 4 also lists it as an input)."""

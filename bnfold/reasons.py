@@ -28,11 +28,17 @@ DTYPE_OVERFLOW = "dtype-overflow"
 EXCLUDED_BY_USER = "excluded-by-user"
 DROPOUT_IN_TRAINING_MODE = "dropout-in-training-mode"
 DROPOUT_MASK_USED = "dropout-mask-used"
+NOT_PER_CHANNEL = "not-per-channel"
+AFFINE_CONSTANT_INVALID = "affine-constant-invalid"
+SHAPE_UNKNOWN = "shape-unknown"
+INFERENCE_ASSUMED = "inference-assumed"
+LOWERED = "lowered"
 
 MEANINGS = {
     FOLDED: "folded into its neighbour",
     REMOVED: "removed: nothing reads it any more",
-    NO_FOLDABLE_NEIGHBOUR: "no Conv/ConvTranspose/Gemm/MatMul feeds it or is fed only by it",
+    NO_FOLDABLE_NEIGHBOUR: "no Conv/ConvTranspose/Gemm/MatMul feeds it or is fed only by it, directly or "
+                           "across the steps a fold may cross",
     NEIGHBOUR_HAS_OTHER_CONSUMERS: "the neighbour's output is also read elsewhere",
     NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT: "the tensor the fold would change is a graph output",
     WEIGHTS_NOT_CONSTANT: "weights or BN parameters are not compile-time constants",
@@ -53,4 +59,12 @@ MEANINGS = {
     DROPOUT_IN_TRAINING_MODE: "a Dropout between the BN and its neighbour may drop values (is_test=0, or "
                               "training_mode not a constant false)",
     DROPOUT_MASK_USED: "a Dropout between the BN and its neighbour has its mask output read",
+    NOT_PER_CHANNEL: "an Add/Sub/Mul/Div constant between the BN and its neighbour is not one value per "
+                     "channel (it varies over space or the batch, or would broadcast its input larger)",
+    AFFINE_CONSTANT_INVALID: "an Add/Sub/Mul/Div constant between the BN and its neighbour is not finite, or "
+                             "a divisor is 0",
+    SHAPE_UNKNOWN: "a size needed to map the BN's channel axis across a shape op is unknown",
+    INFERENCE_ASSUMED: "a training-mode BN rewritten to normalize with its running statistics "
+                       "(--assume-inference)",
+    LOWERED: "a BN no rule folds, rewritten as Mul then Add (--lower-standalone mul-add)",
 }

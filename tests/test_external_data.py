@@ -238,21 +238,27 @@ def test_spilled_weights_give_the_same_bytes(tmp_path, model, monkeypatch, exter
         assert (tmp_path / "kept" / name).read_bytes() == (tmp_path / "spilled" / name).read_bytes(), name
 
 
-def conv_bn_bn_conv(rng) -> onnx.ModelProto:
-    """conv_bn_conv with a second BN after the first: both fold into conv1, W1 is written twice."""
-    model = conv_bn_conv(rng)
-    model.graph.initializer.extend(bn_initializers(bn_stats(rng, 16), np.float32, prefix="bn2"))
-    model.graph.node.insert(2, bn_node("n1", "n2", prefix="bn2"))
-    model.graph.node[3].input[0] = "n2"
-    onnx.checker.check_model(model, full_check=True)
-    return model
+def bn_conv_bn_conv(rng, channels: int = 16) -> onnx.ModelProto:
+    """x -> BN0 -> Conv(W1, b1, unpadded) -> BN -> Relu -> Conv(W2): BN0 folds forward into conv1,
+    BN back into it, so W1 is written twice."""
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (channels, channels, 3, 3)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, channels).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (channels, channels, 3, 3)).astype(np.float32), "W2"),
+             *bn_initializers(bn_stats(rng, channels), np.float32),
+             *bn_initializers(bn_stats(rng, channels), np.float32, prefix="bn0")]
+    nodes = [bn_node("x", "x0", prefix="bn0"),
+             helper.make_node("Conv", ["x0", "W1", "b1"], ["c1"], name="conv1"),
+             bn_node("c1", "n1"),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "W2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    return make_model(nodes, [tensor("x", np.float32, [1, channels, 5, 5])], [tensor("y", np.float32, None)], inits)
 
 
 def test_a_folded_weight_past_the_budget_waits_in_the_scratch_file(tmp_path, rng, no_budget):
     """W1, folded twice, is stored twice: the second copy starts on a page boundary after the first
     (so that a filesystem may share its blocks with the output's). The file has no name."""
     from bnfold.fold import fold_in_place
-    model = conv_bn_bn_conv(rng)
+    model = bn_conv_bn_conv(rng)
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     (tmp_path / "scratch").mkdir()
@@ -272,8 +278,8 @@ def test_a_folded_weight_past_the_budget_waits_in_the_scratch_file(tmp_path, rng
 
 
 def test_a_weight_folded_twice_is_read_back_from_the_scratch_file(tmp_path, rng, monkeypatch):
-    """Conv -> BN -> BN: the second fold reads the weight the first one spilled."""
-    model = conv_bn_bn_conv(rng)
+    """BN -> Conv -> BN: the second fold reads the weight the first one spilled."""
+    model = bn_conv_bn_conv(rng)
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     fold_file(path, tmp_path / "kept.onnx")

@@ -1,8 +1,9 @@
-"""Fold each BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul next to it.
+"""Fold each BatchNormalization into the Conv/ConvTranspose/Gemm/MatMul next to it, or a few steps away.
 
 For every BN (subgraphs too, outer graphs first, so a subgraph sees its outer scope already folded)
 the rules of :data:`bnfold.rules.RULES` are tried in order; the first whose check passes rewrites the
 graph. A BN that no rule folds stays, with the first refusal's reason, or ``no-foldable-neighbour``.
+Another BN on the folded path (``Conv -> BN -> BN``) folds with it and is reported folded too.
 Exact because each rule folds only under the conditions its module states and checks: an
 inference-mode BN is an affine map per channel, and composing it with a linear op is again linear.
 """
@@ -17,6 +18,7 @@ from ..graph import GraphIndex, all_graphs, walk_graphs
 from ..reasons import EXCLUDED_BY_USER, FOLDED, NO_FOLDABLE_NEIGHBOUR
 from ..rules import RULES
 from ..rules.base import Refusal, bn_mode_refusal
+from ..rules.path import removed_steps
 from .base import Decision, Pass, PassResult, PipelineState
 
 
@@ -36,9 +38,13 @@ class FoldBatchNorm(Pass):
         for path, graph, parent in walk_graphs(state.model.graph):
             index = GraphIndex(graph, state.context, indexes.get(id(parent)) if parent is not None else None)
             indexes[id(graph)] = index
+            index.excluded = excluded
+            folded_along: set[int] = set()  # ids of BNs folded as a step of another BN's fold
             for node in list(graph.node):
-                if is_batchnorm(node):
-                    result.decisions.append(_fold_one(node, index, excluded, path))
+                if is_batchnorm(node) and id(node) not in folded_along:
+                    decisions = _fold_one(node, index, excluded, path)
+                    folded_along.update(id(n) for n, _ in decisions[1:])
+                    result.decisions.extend(d for _, d in decisions)
                     state.context.release_reads()
             state.released |= index.released
         result.modified = any(d.folded for d in result.decisions)
@@ -58,15 +64,17 @@ def _check_excluded_exist(model: onnx.ModelProto, excluded: frozenset[str]) -> N
                           note="`bnfold inspect MODEL` lists their names", option="exclude_nodes")
 
 
-def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str], path: str) -> Decision:
+def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str],
+              path: str) -> list[tuple[onnx.NodeProto, Decision]]:
+    """The decision for `bn`, then one for each other BN its fold took along."""
     decision = Decision(node=bn.name, reason="", graph=path)
     if bn.name and bn.name in excluded:
         decision.reason, decision.detail = EXCLUDED_BY_USER, "named by --exclude-node"
-        return decision
+        return [(bn, decision)]
     refusal = bn_mode_refusal(bn, index)
     if refusal is not None:
         decision.reason, decision.detail = refusal.reason, refusal.detail
-        return decision
+        return [(bn, decision)]
     first_refusal = None
     for rule in RULES:
         match = rule.match(bn, index)
@@ -79,16 +87,22 @@ def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str], p
             first_refusal = first_refusal or (rule, match, refusal)
             continue
         _describe(decision, rule, match)
+        steps = removed_steps(match, plan.beyond)
         rule.rewrite(match, plan, index)
-        decision.reason, decision.detail = FOLDED, rule.summary + _through(match)
-        return decision
+        decision.reason, decision.detail = FOLDED, rule.summary + _through(steps)
+        return [(bn, decision)] + [(n, _folded_along(n, bn, decision, path)) for n in steps if is_batchnorm(n)]
     if first_refusal is not None:
         rule, match, refusal = first_refusal
         _describe(decision, rule, match)
         decision.reason, decision.detail = refusal.reason, refusal.detail
-        return decision
+        return [(bn, decision)]
     decision.reason, decision.detail = NO_FOLDABLE_NEIGHBOUR, _neighbourhood(bn, index)
-    return decision
+    return [(bn, decision)]
+
+
+def _folded_along(node: onnx.NodeProto, bn: onnx.NodeProto, decision: Decision, path: str) -> Decision:
+    return Decision(node=node.name, reason=FOLDED, detail=f"folded with BatchNormalization {bn.name!r}",
+                    rule=decision.rule, neighbour=decision.neighbour, neighbour_op=decision.neighbour_op, graph=path)
 
 
 def _describe(decision: Decision, rule, match) -> None:
@@ -97,11 +111,11 @@ def _describe(decision: Decision, rule, match) -> None:
     decision.neighbour_op = match.neighbour.op_type
 
 
-def _through(match) -> str:
-    """The Identity/Dropout nodes a fold removed with the BN, in words ("" when none)."""
-    if not match.chain:
+def _through(steps) -> str:
+    """The nodes a fold removed with the BN, in words ("" when none)."""
+    if not steps:
         return ""
-    return "; removed " + ", ".join(f"{n.op_type} {n.name!r}" for n in match.chain) + " between them"
+    return "; removed " + ", ".join(f"{n.op_type} {n.name!r}" for n in steps) + " with it"
 
 
 def _neighbourhood(bn: onnx.NodeProto, index: GraphIndex) -> str:

@@ -1,14 +1,13 @@
 """What every fold rule shares: the rule protocol, refusals, BN parameters, and the graph moves.
 
-A rule has three separate steps. ``match`` finds the neighbouring op (structure only, through
-:func:`producer_of` or :func:`sole_consumer_of`, which look through a chain of Identity and Dropout
-nodes between the two). ``check`` tests every condition under which the fold is exact and computes
-the new weights without touching the graph: it returns a :class:`Plan`, or raises :class:`Refusal`
-with the first reason that fails. ``rewrite`` applies a plan to the graph, through
-:func:`write_plan` and :func:`absorb_into_producer` / :func:`absorb_into_consumer`, after
-:func:`drop_chain` removed the chain. Whether a tensor the fold changes is read by anything else is
-checked in one place, :func:`require_exclusive` (for a chain, :func:`require_transparent_path`).
-``inspect`` and ``--dry-run`` stop after ``check``.
+A rule has three separate steps. ``match`` finds the linear op (structure only, through
+:func:`~bnfold.rules.path.producer_of` or :func:`~bnfold.rules.path.sole_consumer_of`, which walk the
+steps a BN folds across: rules/path.py). ``check`` tests every condition under which the fold is exact
+and computes the new weights without touching the graph: it returns a :class:`Plan`, or raises
+:class:`Refusal` with the first reason that fails. ``rewrite`` applies a plan to the graph, through
+:func:`write_plan` and :func:`~bnfold.rules.path.splice`. Whether a tensor the fold changes is read by
+anything else is checked in one place, :func:`require_exclusive`. ``inspect`` and ``--dry-run`` stop
+after ``check``.
 """
 
 from __future__ import annotations
@@ -23,21 +22,17 @@ from ..constants import NotConstant
 from ..dtypes import numpy_dtype
 from ..graph import GraphIndex
 from ..math import bn_scale_shift
-from ..reasons import (BN_EXTRA_OUTPUTS_USED, CHANNEL_AXIS_MISMATCH, DROPOUT_IN_TRAINING_MODE,
-                       DROPOUT_MASK_USED, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED, INVALID_STATISTICS,
-                       NEIGHBOUR_HAS_OTHER_CONSUMERS, NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT,
-                       MALFORMED_NEIGHBOUR, NON_SPATIAL_BN, RANK_UNKNOWN, RANK_UNSUPPORTED,
+from ..reasons import (BN_EXTRA_OUTPUTS_USED, CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED,
+                       INVALID_STATISTICS, MALFORMED_NEIGHBOUR, NEIGHBOUR_HAS_OTHER_CONSUMERS,
+                       NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT, NON_SPATIAL_BN, RANK_UNKNOWN, RANK_UNSUPPORTED,
                        WEIGHTS_NOT_CONSTANT)
 
 FOLDABLE_DTYPES = {t: numpy_dtype(t) for t in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                 onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)}
 
-__all__ = ["FOLDABLE_DTYPES", "FoldRule", "Match", "Plan", "Refusal", "absorb_into_consumer",
-           "absorb_into_producer", "attribute", "conv_operands", "bn_affine", "bn_mode_refusal", "cast_checked", "constant",
-           "drop_chain", "require_transparent_path",
-           "known_rank",
-           "optional_constant", "producer_of", "require_exclusive", "set_attribute", "sole_consumer_of",
-           "weight_dtype", "write_plan"]
+__all__ = ["FOLDABLE_DTYPES", "FoldRule", "Match", "Plan", "Refusal", "attribute", "bn_affine",
+           "bn_mode_refusal", "cast_checked", "constant", "conv_operands", "known_rank", "optional_constant",
+           "require_exclusive", "set_attribute", "set_folded_input", "weight_dtype", "write_plan"]
 
 
 class Refusal(Exception):
@@ -51,12 +46,15 @@ class Refusal(Exception):
 
 @dataclass
 class Match:
-    """A BatchNormalization and the linear op it would fold into (plus an Add for MatMul + bias), and
-    the Identity/Dropout nodes between them, in data-flow order."""
+    """A BatchNormalization and the linear op it would fold into (plus an Add for MatMul + bias): the
+    steps between them (`chain`, data-flow order), the affine steps on the BN's far side (`beyond`,
+    data-flow order), and whether the linear op comes `before` the BN."""
     bn: onnx.NodeProto
     neighbour: onnx.NodeProto
     bias_add: onnx.NodeProto | None = None
     chain: tuple[onnx.NodeProto, ...] = ()
+    beyond: tuple[onnx.NodeProto, ...] = ()
+    before: bool = True
 
 
 @dataclass
@@ -65,6 +63,7 @@ class Plan:
     arrays: dict[int, np.ndarray]
     attributes: dict[str, float] = field(default_factory=dict)
     bias: np.ndarray | None = None  # for MatMul: the value of the (new or updated) Add
+    beyond: tuple[onnx.NodeProto, ...] = ()  # the match's beyond steps that fold too
 
 
 class FoldRule:
@@ -82,49 +81,7 @@ class FoldRule:
         raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------------------- matching
-def _default_domain(node: onnx.NodeProto) -> bool:
-    return node.domain in ("", "ai.onnx")
-
-
-TRANSPARENT_OPS = ("Identity", "Dropout")  # output 0 is input 0 unless transparency_refusal says why not
-
-
-def producer_of(bn: onnx.NodeProto, index: GraphIndex, ops: tuple[str, ...]) -> Match | None:
-    """The node of type `ops` (default domain) that computes the BN's input, looking through a chain
-    of Identity/Dropout nodes (the match's `chain`), if any."""
-    name, chain = bn.input[0], []
-    for _ in range(len(index.graph.node)):  # a bound: a malformed graph may have a cycle
-        producer = index.producer.get(name)
-        if producer is None or not _default_domain(producer):
-            return None
-        if producer.op_type in ops:
-            return Match(bn, producer, chain=tuple(reversed(chain)))
-        if producer.op_type not in TRANSPARENT_OPS:
-            return None
-        chain.append(producer)
-        name = producer.input[0] if producer.input else ""  # a malformed one with no input ends the walk
-    return None
-
-
-def sole_consumer_of(bn: onnx.NodeProto, index: GraphIndex, ops: tuple[str, ...]) -> Match | None:
-    """The only node reading the BN's output values, if it is of type `ops` and reads it as its data
-    input (input 0): the BN must not be the weight operand of the op it would fold into. Looks through
-    a chain of Identity/Dropout nodes, each the only value reader of the tensor before it."""
-    name, chain = bn.output[0], []
-    for _ in range(len(index.graph.node)):
-        users = index.value_readers(name)
-        if len(users) != 1 or not _default_domain(users[0]) or users[0].input[0] != name:
-            return None
-        if users[0].op_type in ops:
-            return Match(bn, users[0], chain=tuple(chain))
-        if users[0].op_type not in TRANSPARENT_OPS:
-            return None
-        chain.append(users[0])
-        name = users[0].output[0]
-    return None
-
-
+# -------------------------------------------------------------------------------------- exclusivity
 def require_exclusive(index: GraphIndex, name: str, reader: onnx.NodeProto, what: str) -> None:
     """Refuse unless `reader` is the only node reading the values of `name` and `name` is not a graph
     output: a fold changes `name`'s values (or removes it), which any other reader would see."""
@@ -134,43 +91,6 @@ def require_exclusive(index: GraphIndex, name: str, reader: onnx.NodeProto, what
     if others:
         listed = ", ".join(f"{n.op_type} {n.name!r}" for n in others[:3])
         raise Refusal(NEIGHBOUR_HAS_OTHER_CONSUMERS, f"{what} output {name} is also read by {listed}")
-
-
-def require_transparent_path(index: GraphIndex, match: Match, start: onnx.NodeProto,
-                             end: onnx.NodeProto, what: str) -> None:
-    """Refuse unless `start`'s output reaches `end` unchanged and unseen: each node of `match.chain`
-    between them is an identity (:func:`transparency_refusal`), and each tensor on the way is read by
-    the next node only and is not a graph output (:func:`require_exclusive`)."""
-    for node in match.chain:
-        refusal = transparency_refusal(node, index)
-        if refusal is not None:
-            raise refusal
-    path = [start, *match.chain, end]
-    for writer, reader in zip(path, path[1:]):
-        require_exclusive(index, writer.output[0], reader, what if writer is start else
-                          f"{writer.op_type} {writer.name!r}")
-
-
-def transparency_refusal(node: onnx.NodeProto, index: GraphIndex) -> Refusal | None:
-    """Why an Identity or Dropout may not equal its input, per the Dropout opset: before 7, is_test=0
-    (the default) drops; from 12, a training_mode input that is not a constant false drops; its mask
-    output, if read, would be lost. Any ratio is fine: inference-mode Dropout is the identity."""
-    if node.op_type == "Identity":
-        return None
-    label, opset = f"Dropout {node.name!r}", index.context.bn_opset
-    if opset < 7 and attribute(node, "is_test", 0) == 0:
-        return Refusal(DROPOUT_IN_TRAINING_MODE, f"{label} has is_test=0 (opset {opset}): it drops values")
-    if len(node.input) > 2 and node.input[2]:
-        try:
-            training = index.constants.value(node.input[2])
-        except NotConstant:
-            return Refusal(DROPOUT_IN_TRAINING_MODE, f"{label} training_mode {node.input[2]} is not a constant")
-        if training.any():
-            return Refusal(DROPOUT_IN_TRAINING_MODE, f"{label} has training_mode=true: it drops values")
-    mask = node.output[1] if len(node.output) > 1 else ""
-    if mask and (index.users(mask) or index.is_output(mask)):
-        return Refusal(DROPOUT_MASK_USED, f"{label} mask output {mask} is read")
-    return None
 
 
 def known_rank(index: GraphIndex, name: str, what: str) -> int:
@@ -315,30 +235,3 @@ def set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
             attr.CopyFrom(onnx.helper.make_attribute(name, value))
             return
     node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
-def drop_chain(index: GraphIndex, match: Match) -> None:
-    """Remove the match's Identity/Dropout chain (proved an identity by `require_transparent_path`):
-    the node after it reads the tensor before it, and so do readers of the dropped tensors' shapes."""
-    if not match.chain:
-        return
-    source, last = match.chain[0].input[0], match.chain[-1].output[0]
-    reader = match.bn if match.bn.input[0] == last else match.neighbour
-    for node in match.chain:
-        index.redirect_metadata_readers(node.output[0], source)
-        index.remove_node(node)
-    index.set_input(reader, 0, source)
-
-
-def absorb_into_producer(index: GraphIndex, bn: onnx.NodeProto, producer: onnx.NodeProto) -> None:
-    """Remove the BN; `producer` (whose output only the BN read) now produces the BN's output name."""
-    index.redirect_metadata_readers(producer.output[0], bn.output[0])
-    index.remove_node(bn)
-    index.set_output(producer, 0, bn.output[0])
-
-
-def absorb_into_consumer(index: GraphIndex, bn: onnx.NodeProto, consumer: onnx.NodeProto) -> None:
-    """Remove the BN; `consumer` (its only reader) now reads the BN's input."""
-    index.redirect_metadata_readers(bn.output[0], bn.input[0])
-    index.remove_node(bn)
-    index.set_input(consumer, 0, bn.input[0])

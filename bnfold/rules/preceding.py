@@ -6,11 +6,12 @@ padded element, which holds 0 where the BN would have produced ``shift``. Explic
 (VALID pads nothing). SAME pads an axis of size n by max(0, (ceil(n / s) - 1) * s + (k - 1) * d + 1 - n)
 in all (ONNX Conv; stride s, kernel k, dilation d), and the first or last output reads any padding it
 adds; that is 0 at every size when (k - 1) * d = 0 (a 1x1 kernel, any stride), otherwise n must be known.
-For Gemm the BN's channel axis must be A's axis 1 with transA = 0 (the reduced axis K); for MatMul the
-BN's input must be 2-D (its channel axis 1 is then the reduced axis). Conditions: the BN's output is
-read by the consumer only, as its data input (input 0), and is not a graph output; or it reaches the
-consumer through a chain of Identity/Dropout nodes that are identities, each tensor on the way read by
-the next node only (rules/base.require_transparent_path).
+A composed shift of 0 (a per-channel Mul only) reads padding as 0 too, so it folds into any Conv.
+For Gemm the BN's channels must map onto A's reduced axis (1, or 0 with transA = 1); for MatMul onto
+the last axis of its data input, whatever its rank: directly, or across shape ops (rules/path.py:
+BN2d -> Flatten -> Gemm, where feature c*H*W + i carries channel c; BN -> Transpose to channels-last ->
+MatMul). Conditions: the BN's output reaches the consumer's data input (input 0) through steps that
+fold (rules/path.py), each tensor on the way read by the next node only and not a graph output.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
-from ..reasons import CHANNEL_AXIS_MISMATCH, PADDING_PREVENTS_FOLD, RANK_UNSUPPORTED
-from .base import (FoldRule, Match, Plan, Refusal, absorb_into_consumer, attribute, bn_affine, cast_checked,
-                   constant, conv_operands, drop_chain, known_rank, optional_constant, require_transparent_path,
-                   sole_consumer_of, weight_dtype, write_plan)
+from ..reasons import PADDING_PREVENTS_FOLD, RANK_UNSUPPORTED
+from .base import (FoldRule, Match, Plan, Refusal, attribute, cast_checked, constant, conv_operands,
+                   optional_constant, weight_dtype, write_plan)
+from .path import check_links, fold_path, sole_consumer_of, splice
 
 
 class BNThenConv(FoldRule):
@@ -35,20 +36,21 @@ class BNThenConv(FoldRule):
         return sole_consumer_of(bn, index, ("Conv",))
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
-        conv, bn = match.neighbour, match.bn
-        require_transparent_path(index, match, bn, conv, "BN")
+        conv = match.neighbour
+        check_links(match, index, "BN")
         weight, bias, groups = conv_operands(index, conv)
         dtype = weight_dtype(weight, "Conv weight")
-        _check_no_padding(conv, weight, index)
-        scale, shift = bn_affine(bn, index, weight.shape[1] * groups)
-        new_weight, new_bias = fold_before_conv(weight, bias, scale, shift, groups, dtype)
-        return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_bias, dtype, "biases")})
+        path = fold_path(match, index, conv.input[0], 1, weight.shape[1] * groups, "Conv")
+        if path.shift.any():
+            _check_no_padding(conv, weight, index)
+        new_weight, new_bias = fold_before_conv(weight, bias, path.scale, path.shift, groups, dtype)
+        return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_bias, dtype, "biases")},
+                    beyond=path.beyond)
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         conv, bn = match.neighbour, match.bn
-        drop_chain(index, match)
         write_plan(index, conv, plan, {1: "W", 2: "B"}, conv.name or bn.name)
-        absorb_into_consumer(index, bn, conv)
+        splice(index, match, plan.beyond)
 
 
 def _check_no_padding(conv: onnx.NodeProto, weight: np.ndarray, index: GraphIndex) -> None:
@@ -92,7 +94,7 @@ def _spatial_sizes(index: GraphIndex, name: str, count: int) -> list[int | None]
 
 
 class BNThenLinear(FoldRule):
-    """BN -> Gemm (transA = 0) and BN -> MatMul over a 2-D input, into the weight's rows."""
+    """BN -> Gemm and BN -> MatMul, the BN's channels on the reduced axis, into the weight's rows."""
     name = "bn-linear"
     summary = "scaled the weight's rows and added shift @ W to the bias"
 
@@ -100,28 +102,26 @@ class BNThenLinear(FoldRule):
         return sole_consumer_of(bn, index, ("Gemm", "MatMul"))
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
-        node, bn = match.neighbour, match.bn
-        require_transparent_path(index, match, bn, node, "BN")
+        node = match.neighbour
+        check_links(match, index, "BN")
         weight = constant(index, node.input[1], f"{node.op_type} weight")
         dtype = weight_dtype(weight, f"{node.op_type} weight")
         if weight.ndim != 2:
             raise Refusal(RANK_UNSUPPORTED, f"{node.op_type} weight has rank {weight.ndim}, not 2")
         if node.op_type == "Gemm":
-            return self._gemm_plan(node, bn, index, weight, dtype)
-        rank = known_rank(index, bn.input[0], "BN input")
-        if rank != 2:
-            raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN input has rank {rank}: its channel axis is not "
-                                                 "MatMul's reduced axis")
-        scale, shift = bn_affine(bn, index, weight.shape[0])
-        new_weight, new_bias = fold_before_matmul(weight, scale, shift, dtype)
-        return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"))
+            return self._gemm_plan(match, index, weight, dtype)
+        path = fold_path(match, index, node.input[0], None, weight.shape[0], "MatMul")
+        new_weight, new_bias = fold_before_matmul(weight, path.scale, path.shift, dtype)
+        return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"),
+                    beyond=path.beyond)
 
-    def _gemm_plan(self, gemm, bn, index, weight, dtype) -> Plan:
-        if attribute(gemm, "transA", 0):
-            raise Refusal(CHANNEL_AXIS_MISMATCH, "Gemm transA=1: BN's channel axis is Gemm's output row axis")
+    def _gemm_plan(self, match, index, weight, dtype) -> Plan:
+        gemm = match.neighbour
         trans_b = bool(attribute(gemm, "transB", 0))
         k_by_n = weight.T if trans_b else weight
-        scale, shift = bn_affine(bn, index, k_by_n.shape[0])
+        reduced_axis = 0 if attribute(gemm, "transA", 0) else 1
+        path = fold_path(match, index, gemm.input[0], reduced_axis, k_by_n.shape[0], "Gemm")
+        scale, shift = path.scale, path.shift
         alpha, beta = float(attribute(gemm, "alpha", 1.0)), float(attribute(gemm, "beta", 1.0))
         c = optional_constant(index, gemm, 2, "Gemm C")
         c = 0.0 if c is None else c.astype(np.float64)
@@ -130,13 +130,12 @@ class BNThenLinear(FoldRule):
         new_c = new_c.reshape(-1) if new_c.ndim == 2 and new_c.shape[0] == 1 else new_c
         new_weight = new_k_by_n.T if trans_b else new_k_by_n
         return Plan({1: cast_checked(new_weight, dtype, "weights"), 2: cast_checked(new_c, dtype, "biases")},
-                    attributes={"beta": 1.0})
+                    attributes={"beta": 1.0}, beyond=path.beyond)
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         node, bn = match.neighbour, match.bn
-        drop_chain(index, match)
         write_plan(index, node, plan, {1: "W", 2: "C"}, node.name or bn.name)
-        absorb_into_consumer(index, bn, node)
+        splice(index, match, plan.beyond)
         if node.op_type == "Gemm":
             return
         output = node.output[0]
