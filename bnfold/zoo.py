@@ -19,6 +19,10 @@ video_conv3d        Conv3d+BatchNorm3d: spatial, temporal depthwise
 mlp_bn1d            Linear+BatchNorm1d (Gemm + BN), with and without bias
 preact_block        BN that feeds a Conv or Linear directly (BN before the linear op)
 shared_conv         one Conv module applied to two inputs, each path with its own BN
+levit_block         LeViT block: MatMul -> Reshape -> BN1d -> Reshape; BN1d -> Gemm head
+iresnet_head        IResNet blocks; face head BN2d -> Dropout -> Flatten -> Linear -> BN1d
+tf_conv_bias        Conv -> Add/Mul/Sub(per-channel constant) -> BN; BN -> Mul; BN -> BN
+channels_last_mlp   BN (NCHW) -> Transpose to NHWC (-> Reshape) -> MatMul
 ==================  =====================================================================
 
 ``SAMPLES`` maps each name to a :class:`Sample` (factory, default input shapes, description), in the
@@ -319,6 +323,197 @@ class SharedConv(nn.Module):
         return self.head(a + b)
 
 
+# ------------------------------------------------------------------- BN one or more ops from its linear op
+class LinearBN(nn.Module):
+    """LeViT's Linear_BN: bias-free Linear on [B, T, C] tokens, BatchNorm1d over the flattened tokens.
+
+    The BN sees [B*T, C] (channels on axis 1) and the result is reshaped back: in ONNX a MatMul, a
+    Reshape to 2-D, the BN and a Reshape back to 3-D.
+    """
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class LeViTAttention(nn.Module):
+    """LeViT attention: qkv Linear_BN, softmax(q k^T / sqrt(d) + positional bias) v, Hardswish, projection Linear_BN.
+
+    The bias is a learned value per head and per relative offset (|dx|, |dy|) between two tokens of
+    the side x side grid, gathered into a [heads, T, T] table as LeViT does.
+    """
+
+    def __init__(self, dim: int, key_dim: int, heads: int, value_dim: int, side: int):
+        super().__init__()
+        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+        self.scale = key_dim ** -0.5
+        self.qkv = LinearBN(dim, heads * (2 * key_dim + value_dim))
+        self.proj = nn.Sequential(nn.Hardswish(), LinearBN(heads * value_dim, dim))
+        points = [(i, j) for i in range(side) for j in range(side)]
+        offsets = sorted({(abs(a[0] - b[0]), abs(a[1] - b[1])) for a in points for b in points})
+        lookup = {offset: k for k, offset in enumerate(offsets)}
+        index = [[lookup[(abs(a[0] - b[0]), abs(a[1] - b[1]))] for b in points] for a in points]
+        self.bias = nn.Parameter(0.1 * torch.randn(heads, len(offsets)))
+        self.register_buffer("bias_index", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, self.heads, -1).split(
+            [self.key_dim, self.key_dim, self.value_dim], dim=3)
+        q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+        attention = (q @ k.transpose(-2, -1)) * self.scale + self.bias[:, self.bias_index]
+        y = (attention.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, -1)
+        return self.proj(y)
+
+
+class LeViTBlock(nn.Module):
+    """A LeViT stage block on tokens: residual attention, then residual MLP (Linear_BN, Hardswish, Linear_BN)."""
+
+    def __init__(self, dim: int, key_dim: int, heads: int, side: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.attention = LeViTAttention(dim, key_dim, heads, 2 * key_dim, side)
+        self.mlp = nn.Sequential(LinearBN(dim, mlp_ratio * dim), nn.Hardswish(), LinearBN(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(x)
+        return x + self.mlp(x)
+
+
+class LeViT(nn.Module):
+    """Conv+BN+Hardswish patch stem (/4), tokens by flatten(2).transpose(1, 2), a block, BN+Linear head.
+
+    The four Linear_BN BNs each sit between Reshapes after a MatMul: they fold into the weight's columns
+    only through the Reshapes. The head's BatchNorm1d on the token mean feeds a Linear (Gemm).
+    """
+
+    def __init__(self, dim: int = 32, key_dim: int = 8, heads: int = 2, side: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, dim // 2, 3, 2, act=nn.Hardswish), conv_bn(dim // 2, dim, 3, 2, act=None))
+        self.block = LeViTBlock(dim, key_dim, heads, side)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.block(tokens).mean(1))
+
+
+class IBasicBlock(nn.Module):
+    """InsightFace IResNet block: BN, 3x3 Conv, BN, PReLU, 3x3 Conv (stride), BN; + 1x1 Conv+BN shortcut.
+
+    The first BN reads the block input (a PReLU or a residual Add) and feeds a padded Conv: it has
+    no exact fold.
+    """
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.Conv2d(cin, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.PReLU(width),
+                                  nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width))
+        self.shortcut = conv_bn(cin, width, 1, stride, act=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+def iresnet_head(widths: tuple[int, int, int] = (16, 32, 32), features: int = 16) -> nn.Module:
+    """Conv+BN+PReLU stem, two strided IBasicBlocks, face-embedding head BN2d-Dropout-Flatten-Linear-BN1d.
+
+    The head's BN2d follows the last residual Add: it folds only forward, through Flatten into the
+    Linear (feature c*H*W + i carries channel c). Input 32x32 ends at 8x8.
+    """
+    stem, first, second = widths
+    return nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.PReLU(stem),
+                         IBasicBlock(stem, first, 2), IBasicBlock(first, second, 2),
+                         nn.BatchNorm2d(second), nn.Dropout(0.4), nn.Flatten(),
+                         nn.Linear(second * 8 * 8, features), nn.BatchNorm1d(features))
+
+
+class BiasAddConv(nn.Module):
+    """Bias-free Conv, then its bias as an explicit per-channel Add, as TF/Keras exports write BiasAdd."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bias = nn.Parameter(0.5 * torch.randn(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.bias.view(1, -1, 1, 1)
+
+
+class TFConvBias(nn.Module):
+    """Per-channel affine ops between Conv and BN, and after BN, as converted TF/Keras models hold them.
+
+    Conv -> Add(bias) -> BN; Conv -> Mul(learned scale) -> BN; Conv -> Sub(constant) -> BN;
+    Conv -> BN -> Mul(layer scale) into a residual Add; Conv -> BN -> BN. Each chain is per-channel
+    affine along the Conv's output channels, so all of it can fold into the Conv.
+    """
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        wide = 2 * width
+        self.stem = nn.Sequential(BiasAddConv(3, width, 2), nn.BatchNorm2d(width), nn.ReLU())
+        self.scaled_conv = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.scale = nn.Parameter(0.5 + torch.rand(1, width, 1, 1))
+        self.scaled_bn = nn.BatchNorm2d(width)
+        self.centred_conv = nn.Conv2d(width, wide, 3, 2, 1, bias=False)
+        self.register_buffer("offset", 0.5 * torch.randn(1, wide, 1, 1))
+        self.centred_bn = nn.BatchNorm2d(wide)
+        self.residual = conv_bn(wide, wide, 3, act=None)
+        self.layer_scale = nn.Parameter(0.1 + 0.5 * torch.rand(1, wide, 1, 1))
+        self.double_bn = nn.Sequential(nn.Conv2d(wide, wide, 3, 1, 1, bias=False), nn.BatchNorm2d(wide),
+                                       nn.BatchNorm2d(wide), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(wide, classes))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.relu(self.scaled_bn(self.scaled_conv(x) * self.scale))
+        x = self.relu(self.centred_bn(self.centred_conv(x) - self.offset))
+        x = self.relu(x + self.residual(x) * self.layer_scale)
+        return self.head(self.double_bn(x))
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt/MLP-Mixer-style block with BatchNorm: BN (NCHW), to NHWC, Linear 4x, GELU, Linear, back, + x.
+
+    The BN reads the residual stream, which the Add reads too: it can fold only forward, through the
+    Transpose, into the rows of the first Linear's weight.
+    """
+
+    def __init__(self, dim: int, ratio: int = 4):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, ratio * dim), nn.GELU(), nn.Linear(ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.bn(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ChannelsLastMLP(nn.Module):
+    """Patchify Conv stem (/4), two channels-last blocks, and a per-token MLP head.
+
+    The head: BN (NCHW), to NHWC, tokens [B, H*W, C], Linear + GELU per token, mean over tokens, Linear.
+    """
+
+    def __init__(self, dim: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.Sequential(ChannelsLastBlock(dim), ChannelsLastBlock(dim))
+        self.head_bn = nn.BatchNorm2d(dim)
+        self.token_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU())
+        self.classifier = nn.Linear(2 * dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        tokens = self.head_bn(x).permute(0, 2, 3, 1).flatten(1, 2)
+        return self.classifier(self.token_mlp(tokens).mean(1))
+
+
 # -------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Sample:
@@ -346,4 +541,8 @@ SAMPLES: dict[str, Sample] = {
     "preact_block": Sample(PreActBlock, ((1, 3, 32, 32),), "BN feeding a Conv or Linear directly"),
     "shared_conv": Sample(SharedConv, ((1, 3, 16, 16), (1, 3, 16, 16)),
                           "one Conv on two inputs, a BN on each path"),
+    "levit_block": Sample(LeViT, ((1, 3, 32, 32),), "LeViT block: MatMul -> Reshape -> BN1d -> Reshape on tokens"),
+    "iresnet_head": Sample(iresnet_head, ((1, 3, 32, 32),), "IResNet blocks, BN2d -> Flatten -> Linear -> BN1d head"),
+    "tf_conv_bias": Sample(TFConvBias, ((1, 3, 32, 32),), "per-channel Add/Mul/Sub between Conv and BN, BN -> BN"),
+    "channels_last_mlp": Sample(ChannelsLastMLP, ((1, 3, 32, 32),), "BN (NCHW) -> Transpose to NHWC -> MatMul"),
 }

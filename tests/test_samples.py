@@ -21,16 +21,23 @@ MODEL_IDS = [p.stem for p in MODELS]
 # stem 1 + 8 basic blocks x 2 + 3 downsample projections = 20.
 BN_COUNT = {"resnet_small": 20, "resnet50_small": 53, "mobilenetv2_small": 19, "efficientnet_block": 11,
             "densenet_small": 15, "unet_small": 9, "audio_conv1d": 4, "video_conv3d": 3, "mlp_bn1d": 2,
-            "preact_block": 3, "shared_conv": 2}
+            "preact_block": 3, "shared_conv": 2, "levit_block": 7, "iresnet_head": 11, "tf_conv_bias": 6,
+            "channels_last_mlp": 3}
 
 # What an exact fold must leave, by reason. DenseNet: the BN after each Concat, after the transition's
 # AvgPool and the final one have no linear neighbour (ReLU follows them). preact_block: the BN before
-# a padded 3x3 Conv cannot fold forward.
-LEFT = {"densenet_small": {"no-foldable-neighbour": 8}, "preact_block": {"padding-prevents-fold": 1}}
+# a padded 3x3 Conv cannot fold forward. iresnet_head: each block's first BN reads a PReLU or a residual
+# Add and feeds a padded 3x3 Conv. levit_block, tf_conv_bias and channels_last_mlp fold entirely: their
+# BNs are one or more Reshape/Flatten/Transpose or per-channel affine ops away from their linear op.
+LEFT = {"densenet_small": {"no-foldable-neighbour": 8}, "preact_block": {"padding-prevents-fold": 1},
+        "iresnet_head": {"padding-prevents-fold": 2}}
 
 # A folded model may differ from the original by float32 rounding of the new weights. Measured over
 # seeds 0-9 of every sample (TorchScript) and 0-2 (dynamo): folded error - original error vs the
-# float64 reference is at most 3.4 float32 ulps of the output's magnitude (resnet50_small, seed 0).
+# float64 reference is at most 3.4 float32 ulps of the output's magnitude (resnet50_small, seed 0),
+# except levit_block: its softmax attention amplifies rounding upstream of it, up to 17.3 ulps
+# (TorchScript, seed 5), as much as rounding the unfolded model's weights by 1 ulp does (up to 17.7);
+# at seed 0, which the committed files and tests/test_export.py use, its fold is the more accurate.
 # The slack allows 8; a wrong fold is off by far more (a missed epsilon alone is ~1e3 ulps).
 SLACK_ULPS = 8
 EPS32 = float(np.finfo(np.float32).eps)

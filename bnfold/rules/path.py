@@ -164,7 +164,8 @@ def _beyond_before(bn: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProt
     while len(steps) < len(index.graph.node):
         node = index.producer.get(name)
         readers = index.value_readers(name)
-        if node is None or node.output[0] != name or index.is_output(name) or readers != [reader]:
+        if node is None or node.output[0] != name or index.is_output(name) or len(readers) != 1 \
+                or readers[0] is not reader:
             break
         position = data_position(node, index, beyond=True)
         if position is None:
@@ -273,7 +274,7 @@ def per_channel(node: onnx.NodeProto, position: int, channels: Channels, index: 
     if not np.isfinite(value).all() or (node.op_type == "Div" and (value == 0).any()):
         raise Refusal(AFFINE_CONSTANT_INVALID, f"{what} constant is not finite or divides by 0")
     shape = shape_of(index, node.input[position], f"{what} input")
-    value = _aligned(node, value, len(shape), index)
+    value = _aligned(node, value, position, len(shape), index)
     varying = [axis for axis, n in enumerate(value.shape) if n != 1]
     if not varying:
         return np.full(count, value.reshape(-1)[0]) if value.size else np.zeros(count)
@@ -290,13 +291,14 @@ def per_channel(node: onnx.NodeProto, position: int, channels: Channels, index: 
     return _by_channel(value.reshape(-1), labels, count, what)
 
 
-def _aligned(node: onnx.NodeProto, value: np.ndarray, rank: int, index: GraphIndex) -> np.ndarray:
+def _aligned(node: onnx.NodeProto, value: np.ndarray, position: int, rank: int, index: GraphIndex) -> np.ndarray:
     """`value` with 1s inserted so that it has the path tensor's rank, aligned as the operator
-    broadcasts: from the right, or (opset < 7 with broadcast=1) from the `axis` attribute."""
+    broadcasts: from the right; before opset 7 only the second operand broadcasts, from the `axis`
+    attribute when broadcast=1, and not at all when broadcast=0 (the shapes must then match)."""
     start = rank - value.ndim
     if index.context.bn_opset < 7:
-        if not attribute(node, "broadcast", 0):
-            start = 0 if value.shape == () or value.ndim == rank else -1
+        if position == 1 or not attribute(node, "broadcast", 0):
+            start = 0 if value.ndim == rank else -1
         else:
             start = int(attribute(node, "axis", start))
             start = start + rank if start < 0 else start
@@ -412,6 +414,11 @@ def _step_values(node: onnx.NodeProto, state: Channels, index: GraphIndex, count
 def _labels_at(state: Channels, index: GraphIndex, near: str, axis: int | None, count: int, what: str) -> np.ndarray:
     """The BN channel of each of the linear op's `count` channels (axis `axis`, None: the last, of
     tensor `near`, its `what`). With no shape op on the path no size is needed."""
+    def axis_mismatch(axis: int) -> Refusal:
+        return Refusal(CHANNEL_AXIS_MISMATCH, f"the BN's channels are axis {state.axis} of {what} {near}, "
+                                              f"the channels it folds into are axis {axis}")
+    if state.axis is not None and axis is not None and state.axis != axis:
+        raise axis_mismatch(axis)
     if state.axis is not None and len(state.labels) != count:
         raise Refusal(CHANNEL_AXIS_MISMATCH, f"BN has {len(state.labels)} channels, the neighbour {count}")
     if axis is None or state.axis is None:
@@ -419,8 +426,7 @@ def _labels_at(state: Channels, index: GraphIndex, near: str, axis: int | None, 
         axis = len(shape) - 1 if axis is None else axis
     if state.axis is not None:
         if state.axis != axis:
-            raise Refusal(CHANNEL_AXIS_MISMATCH, f"the BN's channels are axis {state.axis} of {what} {near}, "
-                                                 f"the channels it folds into are axis {axis}")
+            raise axis_mismatch(axis)
         return state.labels
     if not 0 <= axis < len(shape) or shape[axis] not in (None, count):
         raise Refusal(CHANNEL_AXIS_MISMATCH, f"{what} {near} has shape {_text(shape)}, not {count} channels "

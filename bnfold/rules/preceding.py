@@ -23,8 +23,8 @@ from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
 from ..reasons import PADDING_PREVENTS_FOLD, RANK_UNSUPPORTED
 from .base import (FoldRule, Match, Plan, Refusal, attribute, cast_checked, constant, conv_operands,
-                   optional_constant, weight_dtype, write_plan)
-from .path import check_links, fold_path, sole_consumer_of, splice
+                   optional_constant, set_folded_input, weight_dtype, write_plan)
+from .path import check_links, data_position, fold_path, sole_consumer_of, splice
 
 
 class BNThenConv(FoldRule):
@@ -99,7 +99,10 @@ class BNThenLinear(FoldRule):
     summary = "scaled the weight's rows and added shift @ W to the bias"
 
     def match(self, bn: onnx.NodeProto, index: GraphIndex) -> Match | None:
-        return sole_consumer_of(bn, index, ("Gemm", "MatMul"))
+        found = sole_consumer_of(bn, index, ("Gemm", "MatMul"))
+        if found is not None and found.neighbour.op_type == "MatMul":
+            found.bias_add = _bias_reader(found.neighbour, index)
+        return found
 
     def check(self, match: Match, index: GraphIndex) -> Plan:
         node = match.neighbour
@@ -112,8 +115,11 @@ class BNThenLinear(FoldRule):
             return self._gemm_plan(match, index, weight, dtype)
         path = fold_path(match, index, node.input[0], None, weight.shape[0], "MatMul")
         new_weight, new_bias = fold_before_matmul(weight, path.scale, path.shift, dtype)
+        old_bias = _mergeable_bias(match.bias_add, node, index, weight.shape[1])
+        if old_bias is not None:
+            new_bias = new_bias + old_bias.astype(np.float64)
         return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"),
-                    beyond=path.beyond)
+                    beyond=path.beyond, merge_bias=old_bias is not None)
 
     def _gemm_plan(self, match, index, weight, dtype) -> Plan:
         gemm = match.neighbour
@@ -138,6 +144,11 @@ class BNThenLinear(FoldRule):
         splice(index, match, plan.beyond)
         if node.op_type == "Gemm":
             return
+        if plan.merge_bias:
+            add = match.bias_add
+            position = 1 - list(add.input).index(node.output[0])
+            set_folded_input(index, add, position, plan.bias, f"{add.name or bn.name}_B_bnfold")
+            return
         output = node.output[0]
         product = index.context.fresh_name(f"{output}_unbiased")
         index.set_output(node, 0, product)
@@ -145,3 +156,27 @@ class BNThenLinear(FoldRule):
         add = onnx.helper.make_node("Add", [product, bias_name], [output],
                                     name=index.context.fresh_name(f"{node.name or 'matmul'}_bias"))
         index.insert_node(index.position(node) + 1, add)
+
+
+def _bias_reader(matmul: onnx.NodeProto, index: GraphIndex) -> onnx.NodeProto | None:
+    """The Add of a constant that is the only reader of the MatMul's output (its bias), if any."""
+    readers = index.value_readers(matmul.output[0])
+    if len(readers) != 1 or index.is_output(matmul.output[0]):
+        return None
+    add = readers[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return None
+    return add if data_position(add, index) == list(add.input).index(matmul.output[0]) else None
+
+
+def _mergeable_bias(add, matmul, index: GraphIndex, columns: int) -> np.ndarray | None:
+    """The bias Add's constant, when W * shift can join it: last axis 1 or N, and a rank no larger
+    than the MatMul output's (so the sum broadcasts exactly as the old bias did); else None and the
+    fold adds an Add of its own."""
+    if add is None:
+        return None
+    bias = index.constants.value(add.input[1 - list(add.input).index(matmul.output[0])])
+    tensor_type = index.tensor_type(matmul.output[0])
+    if tensor_type is None or tensor_type.shape is None or bias.ndim > len(tensor_type.shape):
+        return None
+    return bias if bias.ndim == 0 or bias.shape[-1] in (1, columns) else None

@@ -256,3 +256,41 @@ def test_bn_with_two_consumers_stays(rng):
     model.graph.output.append(tensor("r", np.float32, [2, 4, 7, 7]))
     _, report = fold_model(model)
     assert report.decisions[0].reason == "no-foldable-neighbour"
+
+
+def _bn_matmul_add(rng, bias_shape, bias_dtype=np.float32, extra_reader=False, n=6):
+    """x -> BN -> MatMul -> Add(bias) -> y (a Linear layer after a BN)."""
+    model = _bn_linear(rng, "MatMul", n=n)
+    model.graph.node[1].output[0] = "mm"
+    bias = numpy_helper.from_array(rng.normal(0, 0.5, bias_shape).astype(bias_dtype), "b")
+    nodes = list(model.graph.node) + [helper.make_node("Add", ["mm", "b"], ["y"], name="bias")]
+    outputs = [tensor("y", np.float32, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["mm"], ["r"], name="relu"))
+        outputs.append(tensor("r", np.float32, [3, n]))
+    return make_model(nodes, list(model.graph.input), outputs, list(model.graph.initializer) + [bias])
+
+
+@pytest.mark.parametrize("bias_shape", [(6,), (1, 6), (3, 6), (3, 1), (), (1,)], ids=str)
+def test_bn_matmul_merges_its_shift_into_the_following_bias_add(rng, bias_shape):
+    model = _bn_matmul_add(rng, bias_shape)
+    folded, report = fold_model(model)
+    assert report.folded == 1
+    assert op_types(folded) == ["MatMul", "Add"]
+    assert_same_function(model, folded)
+
+
+@pytest.mark.parametrize("case", ["bias-of-rank-3", "bias-of-7-columns", "bias-read-elsewhere"])
+def test_bn_matmul_adds_its_own_bias_when_the_following_add_cannot_take_it(rng, case):
+    """A bias that broadcasts the output larger or is not per column (the checker cannot see
+    [7] + [3, 6] without shapes), or a MatMul output read by another node: the fold adds an Add of
+    its own and leaves the old one alone."""
+    model = _bn_matmul_add(rng, {"bias-of-rank-3": (2, 1, 6), "bias-of-7-columns": (6,)}.get(case, (6,)),
+                           extra_reader=case == "bias-read-elsewhere")
+    if case == "bias-of-7-columns":
+        model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(rng.normal(size=7).astype(np.float32), "b"))
+    folded, report = fold_model(model)
+    assert report.folded == 1
+    assert op_types(folded).count("Add") == 2
+    if case != "bias-of-7-columns":  # not a model onnxruntime can run
+        assert_same_function(model, folded)
