@@ -13,8 +13,8 @@ import signal
 import sys
 from contextlib import contextmanager
 
-from .cli_options import (add_bench_arguments, add_verify_arguments, bench_options_from_args, given_flags,
-                          shape_defaults_hint, verify_options_from_args, with_flag)
+from .cli_options import (add_bench_arguments, add_pass_arguments, add_verify_arguments, bench_options_from_args,
+                          given_flags, shape_defaults_hint, verify_options_from_args, with_flag)
 from .errors import EXIT_INTERNAL, EXIT_OK, BnfoldError, Terminated
 from .foldcmd import interrupts_raise
 from .inputs import parse_dims
@@ -28,6 +28,20 @@ BENCH_PREFIX = "bench-"  # fold --bench takes bench's flags as --bench-runs, --b
 def _print_notes(notes) -> None:
     for note in notes:
         print(f"bnfold: note: {shape_defaults_hint(note)}", file=sys.stderr)
+
+
+def _assumption_notes(reports) -> list[str]:
+    """One note per BatchNormalization that --assume-inference rewrote: the model computes something
+    else than it did, and the user must know where."""
+    from .reasons import INFERENCE_ASSUMED
+    return [f"{report.model}: BatchNormalization {_where(d)!r} ran in training mode; rewritten to use its "
+            "running statistics (--assume-inference)"
+            for report in reports for result in report.passes for d in result.decisions
+            if d.reason == INFERENCE_ASSUMED]
+
+
+def _where(decision) -> str:
+    return f"{decision.graph}/{decision.node}" if decision.graph else decision.node
 
 
 # ---------------------------------------------------------------------------------------------- fold
@@ -54,6 +68,7 @@ def _add_fold_parser(sub) -> None:
                    help="store weights in OUT.data next to the output (automatic above 2 GB and for an "
                         "INPUT with external data)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="fold N models in parallel processes")
+    add_pass_arguments(p)
     checks = p.add_argument_group("verification (the flags of `bnfold verify`; they need --verify)")
     checks.add_argument("--verify", action="store_true",
                         help="compare the folded model with the original in onnxruntime before writing; "
@@ -72,6 +87,7 @@ def cmd_fold(args) -> int:
     if not args.json:
         _import_tables()
     outcomes, seconds = _fold_all(args, jobs, several)
+    _print_notes(_assumption_notes(o.report for o in outcomes if o.report is not None))
     _print_notes(dict.fromkeys(note for o in outcomes if o.report is not None
                                for note in getattr(o.report.verification, "notes", ())))
     if bench is not None:
@@ -93,7 +109,8 @@ def _fold_jobs(args) -> list:
     found = find_models(args.models, skip=args.out_dir)
     shares = exclusions_per_model([source for source, _ in found], args.exclude_node)
     jobs = [FoldJob(source, _fold_target(args, source, place), shares[source], args.dry_run,
-                    args.external_data, verify) for source, place in found]
+                    args.external_data, verify, args.assume_inference, args.lower_standalone)
+            for source, place in found]
     check_targets(jobs, args.in_place)
     return jobs
 
@@ -129,6 +146,8 @@ def _check_fold_usage(args) -> bool:
         raise BnfoldError("--bench measures the written model", note="drop --dry-run")
     if args.jobs < 1:
         raise BnfoldError(f"must be at least 1, not {args.jobs}", option="jobs")
+    from .passes.lower_standalone import check_lowering
+    check_lowering(args.lower_standalone)
     several = len(args.models) > 1 or os.path.isdir(args.models[0])
     if args.dry_run:
         return several
@@ -265,6 +284,7 @@ def _add_inspect_parser(sub) -> None:
     p.add_argument("input", metavar="INPUT")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("--exclude-node", action="append", default=[], metavar="NAME")
+    add_pass_arguments(p)
     p.set_defaults(func=cmd_inspect)
 
 
@@ -272,7 +292,9 @@ def cmd_inspect(args) -> int:
     import json
     from .fold import fold_file
     from .report import decisions_table, passes_table, summary_table
-    report = fold_file(args.input, None, exclude_nodes=args.exclude_node, dry_run=True)
+    report = fold_file(args.input, None, exclude_nodes=args.exclude_node, assume_inference=args.assume_inference,
+                       lower_standalone=args.lower_standalone, dry_run=True)
+    _print_notes(_assumption_notes([report]))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return EXIT_OK

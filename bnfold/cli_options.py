@@ -1,4 +1,5 @@
-"""The flags of verify and bench, how they become option objects, and how errors name them again.
+"""The flags of verify and bench and of fold's optional passes, how they become option objects, and how
+errors name them again.
 
 The library takes VerifyOptions and BenchOptions and names a parameter (``BnfoldError.option``) when one
 is at fault; this module owns the other direction: parameter -> flag. `fold` takes verify's flags as
@@ -24,7 +25,8 @@ FLAGS = {
     "rtol": "rtol", "provider": "provider", "bisect": "bisect", "levels": "level", "threads": "threads",
     "batch": "batch", "warmup": "warmup", "runs": "runs", "seconds": "seconds", "creations": "creations",
     "plot": "plot", "input_shapes": "input-shape", "opset": "opset", "exporter": "exporter",
-    "exclude_nodes": "exclude-node", "jobs": "jobs",
+    "exclude_nodes": "exclude-node", "jobs": "jobs", "assume_inference": "assume-inference",
+    "lower_standalone": "lower-standalone",
 }
 
 
@@ -49,6 +51,19 @@ def shape_defaults_hint(note: str) -> str:
     from .inputs import DEFAULTS_NOTE
 
     return f"{note}; set them with --shape NAME=DxDx..." if note.startswith(DEFAULTS_NOTE) else note
+
+
+# ------------------------------------------------------------------------------------------ passes
+def add_pass_arguments(parser) -> None:
+    """The flags of the passes that run only on request (FoldOptions), for fold and inspect. The value of
+    --lower-standalone is checked by the library (bnfold.fold.fold_options): one line, not usage."""
+    parser.add_argument("--assume-inference", action="store_true",
+                        help="rewrite each BatchNormalization exported in training mode to normalize with "
+                             "its running statistics, then fold it; this changes what the model computes "
+                             "(a note names each node)")
+    parser.add_argument("--lower-standalone", default="keep", metavar="{keep,mul-add}",
+                        help="each BatchNormalization left after folding: keep it (default), or rewrite it "
+                             "as Mul then Add (for runtimes without BatchNormalization)")
 
 
 # -------------------------------------------------------------------------------------------- verify

@@ -18,17 +18,29 @@ import onnx
 from . import passes
 from .errors import EXIT_CHECK_FAILED, BnfoldError
 from .graph import ModelContext
-from .io import check_output_path, open_model, save_model
+from .io import check_output_path, load_model, open_model, save_model
 from .mapped import MappedFile
 from .passes import FoldOptions, PipelineState
+from .passes.assume_inference import assumed_reference
+from .passes.lower_standalone import check_lowering
+from .reasons import INFERENCE_ASSUMED
 from .report import FoldReport, op_counts
 
 
-def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = ()) -> tuple[onnx.ModelProto, FoldReport]:
-    """Fold a copy of `model`; the caller's model is never changed."""
+def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (), assume_inference: bool = False,
+               lower_standalone: str = "keep") -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold a copy of `model`; the caller's model is never changed. `assume_inference` and
+    `lower_standalone` are FoldOptions' (bnfold.passes.base)."""
+    options = fold_options(exclude_nodes, assume_inference, lower_standalone)
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    return work, fold_in_place(work, exclude_nodes=exclude_nodes)
+    return work, fold_in_place(work, options)
+
+
+def fold_options(exclude_nodes: Iterable[str] = (), assume_inference: bool = False,
+                 lower_standalone: str = "keep") -> FoldOptions:
+    """FoldOptions, checked before any work (a bad value is a BnfoldError naming its option)."""
+    return FoldOptions(frozenset(exclude_nodes), bool(assume_inference), check_lowering(lower_standalone))
 
 
 class VerificationFailed(BnfoldError):
@@ -55,23 +67,24 @@ def _why_rejected(report: FoldReport) -> str:
 
 
 def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None, *,
-              exclude_nodes: Iterable[str] = (), dry_run: bool = False, external_data: bool = False,
-              verify=None) -> FoldReport:
+              exclude_nodes: Iterable[str] = (), assume_inference: bool = False, lower_standalone: str = "keep",
+              dry_run: bool = False, external_data: bool = False, verify=None) -> FoldReport:
     """Load, fold and atomically save a model. With dry_run nothing is written.
 
     `verify` (bnfold.verify.VerifyOptions) compares the folded model with the original before the
     output is renamed into place; on a mismatch it raises VerificationFailed and writes nothing.
     """
+    options = fold_options(exclude_nodes, assume_inference, lower_standalone)
     writes = output_path is not None and not dry_run
     if writes:
         check_output_path(output_path)  # before any work, and the scratch file goes on its filesystem
     model, source = open_model(input_path, scratch_dir=Path(output_path).parent if writes else None)
     try:
-        report = fold_in_place(model, exclude_nodes=exclude_nodes, source=source)
+        report = fold_in_place(model, options, source=source)
         report.model = str(input_path)
         accept = None
         if verify is not None:
-            accept = partial(_verify_staged, input_path, output_path, verify, report)
+            accept = partial(_verify_staged, input_path, output_path, verify, report, options)
         if not dry_run and output_path is not None:
             save_model(model, output_path, external_data=external_data, source=source, accept=accept)
         elif accept is not None:
@@ -85,20 +98,24 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     return report
 
 
-def _verify_staged(original, output_path, options, report: FoldReport, staged: Path) -> None:
+def _verify_staged(original, output_path, options, report: FoldReport, fold_options: FoldOptions,
+                   staged: Path) -> None:
     from .verify import verify_models
-    verification = verify_models(original, staged, options, candidate_label=str(output_path or "(not written)"))
+    reference = original
+    if any(d.reason == INFERENCE_ASSUMED for result in report.passes for d in result.decisions):
+        reference = assumed_reference(load_model(original, check=False), fold_options)
+    verification = verify_models(reference, staged, options, candidate_label=str(output_path or "(not written)"))
     report.verification = verification
     if not verification:
         raise VerificationFailed(report)
 
 
-def fold_in_place(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (),
+def fold_in_place(model: onnx.ModelProto, options: FoldOptions = FoldOptions(), *,
                   source: MappedFile | None = None) -> FoldReport:
     """Run the pipeline (bnfold.passes.PIPELINE) over `model` itself, no copy: the fast path for files,
     where bnfold owns the loaded model. `source` is the mapped file that stub initializers point into
     (see bnfold.mapped)."""
-    state = PipelineState(model, ModelContext(model, source), FoldOptions(frozenset(exclude_nodes)))
+    state = PipelineState(model, ModelContext(model, source), options)
     counts_before = op_counts(model)
     results = passes.run_pipeline(state)
     return FoldReport(passes=results, counts_before=counts_before, counts_after=op_counts(model))

@@ -40,6 +40,8 @@ class FoldJob:
     dry_run: bool = False
     external_data: bool = False
     verify: object | None = None  # bnfold.verify.VerifyOptions
+    assume_inference: bool = False
+    lower_standalone: str = "keep"
 
 
 @dataclass
@@ -206,8 +208,9 @@ def exclusions_per_model(sources: list[str], excluded: list[str]) -> dict[str, t
 
 # ------------------------------------------------------------------------------------ folding them
 def run_fold_job(job: FoldJob) -> FoldReport:
-    return fold_file(job.source, job.target, exclude_nodes=job.exclude_nodes, dry_run=job.dry_run,
-                     external_data=job.external_data, verify=job.verify)
+    return fold_file(job.source, job.target, exclude_nodes=job.exclude_nodes,
+                     assume_inference=job.assume_inference, lower_standalone=job.lower_standalone,
+                     dry_run=job.dry_run, external_data=job.external_data, verify=job.verify)
 
 
 def run_fold_jobs(jobs: list[FoldJob], workers: int, *, on_done: Callable[[FoldOutcome], None] | None = None,

@@ -9,12 +9,13 @@ import onnx
 
 from .graph import all_graphs
 from .passes.base import Decision, PassResult
-from .reasons import MEANINGS
+from .reasons import LOWERED, MEANINGS
 
 __all__ = ["Decision", "FoldReport", "decisions_table", "models_table", "op_counts", "passes_table",
            "summary_table"]
 
 BN_FOLD_PASS = "fold-batchnorm"
+LOWER_PASS = "lower-standalone"
 
 
 @dataclass
@@ -41,6 +42,11 @@ class FoldReport:
         return sum(d.folded for d in self.decisions)
 
     @property
+    def lowered(self) -> int:
+        """BNs left by the fold that `--lower-standalone mul-add` rewrote as Mul + Add."""
+        return sum(d.reason == LOWERED for p in self.passes if p.name == LOWER_PASS for d in p.decisions)
+
+    @property
     def left_by_reason(self) -> dict[str, int]:
         return dict(sorted(Counter(d.reason for d in self.decisions if not d.folded).items()))
 
@@ -51,6 +57,7 @@ class FoldReport:
             "folded": self.folded,
             "left": self.total - self.folded,
             "left_by_reason": self.left_by_reason,
+            "lowered": self.lowered,
             "op_counts": {"before": self.counts_before, "after": self.counts_after},
             "decisions": [asdict(d) for d in self.decisions],
             "passes": [p.to_dict() for p in self.passes],
@@ -83,6 +90,8 @@ def summary_table(report: FoldReport):
     table.add_row("folded", str(report.folded))
     for reason, count in report.left_by_reason.items():
         table.add_row(f"left: {reason}", str(count))
+    if report.lowered:
+        table.add_row("of those, lowered to Mul + Add", str(report.lowered))
     changed = sorted(op for op in set(report.counts_before) | set(report.counts_after)
                      if report.counts_before.get(op, 0) != report.counts_after.get(op, 0))
     if changed:

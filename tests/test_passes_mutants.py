@@ -14,7 +14,7 @@ from tests.builders import assert_same_function, bn_initializers, bn_node, bn_st
 
 def test_pass_result_to_dict_is_the_documented_json(rng):
     _, report = fold_model(conv_bn(rng))
-    result = report.passes[0]
+    result = next(p for p in report.passes if p.name == "fold-batchnorm")
     assert result.to_dict() == {"name": "fold-batchnorm", "modified": True,
                                 "decisions": [dataclasses.asdict(d) for d in result.decisions]}
     assert result.to_dict()["decisions"][0]["reason"] == "folded"

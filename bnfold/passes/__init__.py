@@ -4,13 +4,17 @@ Adding a pass: write one module with a :class:`~bnfold.passes.base.Pass` subclas
 here. Dead-code removal stays last: it cleans up after every other pass.
 """
 
+from .assume_inference import AssumeInference
 from .base import Decision, FoldOptions, Pass, PassResult, PipelineState
 from .dead_code import RemoveDeadCode
 from .fold_batchnorm import FoldBatchNorm
+from .lower_standalone import LowerStandalone
 
 PIPELINE = (
-    FoldBatchNorm(),   # BN -> neighbouring Conv/ConvTranspose/Gemm/MatMul (bnfold.rules)
-    RemoveDeadCode(),  # what the passes above disconnected
+    AssumeInference(),  # on request: training-mode BN -> inference mode, so that it can fold
+    FoldBatchNorm(),    # BN -> neighbouring Conv/ConvTranspose/Gemm/MatMul (bnfold.rules)
+    LowerStandalone(),  # on request: each BN left -> Mul then Add
+    RemoveDeadCode(),   # what the passes above disconnected
 )
 
 __all__ = ["PIPELINE", "Decision", "FoldOptions", "Pass", "PassResult", "PipelineState", "run_pipeline"]

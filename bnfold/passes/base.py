@@ -21,6 +21,8 @@ from ..graph import ModelContext
 class FoldOptions:
     """What the caller asks of the pipeline."""
     exclude_nodes: frozenset[str] = frozenset()  # BatchNormalization nodes to leave as they are
+    assume_inference: bool = False  # rewrite training-mode BNs to use their running statistics
+    lower_standalone: str = "keep"  # what becomes of a BN no rule folds: "keep" or "mul-add"
 
 
 @dataclass
