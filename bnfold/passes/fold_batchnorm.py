@@ -39,13 +39,13 @@ class FoldBatchNorm(Pass):
             index = GraphIndex(graph, state.context, indexes.get(id(parent)) if parent is not None else None)
             indexes[id(graph)] = index
             index.excluded = excluded
-            folded_along: set[int] = set()  # ids of BNs folded as a step of another BN's fold
+            decided: dict[int, Decision] = {}  # BN id -> its decision, in graph order
             for node in list(graph.node):
-                if is_batchnorm(node) and id(node) not in folded_along:
-                    decisions = _fold_one(node, index, excluded, path)
-                    folded_along.update(id(n) for n, _ in decisions[1:])
-                    result.decisions.extend(d for _, d in decisions)
+                if is_batchnorm(node) and not (id(node) in decided and decided[id(node)].folded):
+                    # a BN another fold takes along may have been refused on its own: the fold wins
+                    decided.update((id(n), d) for n, d in _fold_one(node, index, excluded, path))
                     state.context.release_reads()
+            result.decisions.extend(decided.values())
             state.released |= index.released
         result.modified = any(d.folded for d in result.decisions)
         return result
