@@ -109,7 +109,8 @@ def _fold_jobs(args) -> list:
     found = find_models(args.models, skip=args.out_dir)
     shares = exclusions_per_model([source for source, _ in found], args.exclude_node)
     jobs = [FoldJob(source, _fold_target(args, source, place), shares[source], args.dry_run,
-                    args.external_data, verify, args.assume_inference, args.lower_standalone)
+                    args.external_data, verify, args.assume_inference, args.lower_standalone,
+                    not args.no_reparameterize)
             for source, place in found]
     check_targets(jobs, args.in_place)
     return jobs
@@ -293,6 +294,7 @@ def cmd_inspect(args) -> int:
     from .fold import fold_file
     from .report import decisions_table, passes_table, summary_table
     report = fold_file(args.input, None, exclude_nodes=args.exclude_node, assume_inference=args.assume_inference,
+                       reparameterize=not args.no_reparameterize,
                        lower_standalone=args.lower_standalone, dry_run=True)
     _print_notes(_assumption_notes([report]))
     if args.json:

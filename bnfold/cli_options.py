@@ -26,7 +26,7 @@ FLAGS = {
     "batch": "batch", "warmup": "warmup", "runs": "runs", "seconds": "seconds", "creations": "creations",
     "plot": "plot", "input_shapes": "input-shape", "opset": "opset", "exporter": "exporter",
     "exclude_nodes": "exclude-node", "jobs": "jobs", "assume_inference": "assume-inference",
-    "lower_standalone": "lower-standalone",
+    "lower_standalone": "lower-standalone", "reparameterize": "no-reparameterize",
 }
 
 
@@ -55,12 +55,15 @@ def shape_defaults_hint(note: str) -> str:
 
 # ------------------------------------------------------------------------------------------ passes
 def add_pass_arguments(parser) -> None:
-    """The flags of the passes that run only on request (FoldOptions), for fold and inspect. The value of
+    """The flags of the passes that run on request or can be turned off (FoldOptions), for fold and inspect. The value of
     --lower-standalone is checked by the library (bnfold.fold.fold_options): one line, not usage."""
     parser.add_argument("--assume-inference", action="store_true",
                         help="rewrite each BatchNormalization exported in training mode to normalize with "
                              "its running statistics, then fold it; this changes what the model computes "
                              "(a note names each node)")
+    parser.add_argument("--no-reparameterize", action="store_true",
+                        help="do not merge parallel Conv / identity branches over one input into one Conv "
+                             "(RepVGG, MobileOne, RepGhost, ACNet)")
     parser.add_argument("--lower-standalone", default="keep", metavar="{keep,mul-add}",
                         help="each BatchNormalization left after folding: keep it (default), or rewrite it "
                              "as Mul then Add (for runtimes without BatchNormalization)")

@@ -28,19 +28,20 @@ from .report import FoldReport, op_counts
 
 
 def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (), assume_inference: bool = False,
-               lower_standalone: str = "keep") -> tuple[onnx.ModelProto, FoldReport]:
-    """Fold a copy of `model`; the caller's model is never changed. `assume_inference` and
-    `lower_standalone` are FoldOptions' (bnfold.passes.base)."""
-    options = fold_options(exclude_nodes, assume_inference, lower_standalone)
+               lower_standalone: str = "keep", reparameterize: bool = True) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold a copy of `model`; the caller's model is never changed. `assume_inference`,
+    `lower_standalone` and `reparameterize` are FoldOptions' (bnfold.passes.base)."""
+    options = fold_options(exclude_nodes, assume_inference, lower_standalone, reparameterize)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     return work, fold_in_place(work, options)
 
 
 def fold_options(exclude_nodes: Iterable[str] = (), assume_inference: bool = False,
-                 lower_standalone: str = "keep") -> FoldOptions:
+                 lower_standalone: str = "keep", reparameterize: bool = True) -> FoldOptions:
     """FoldOptions, checked before any work (a bad value is a BnfoldError naming its option)."""
-    return FoldOptions(frozenset(exclude_nodes), bool(assume_inference), check_lowering(lower_standalone))
+    return FoldOptions(frozenset(exclude_nodes), bool(assume_inference), check_lowering(lower_standalone),
+                       bool(reparameterize))
 
 
 class VerificationFailed(BnfoldError):
@@ -68,13 +69,13 @@ def _why_rejected(report: FoldReport) -> str:
 
 def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None, *,
               exclude_nodes: Iterable[str] = (), assume_inference: bool = False, lower_standalone: str = "keep",
-              dry_run: bool = False, external_data: bool = False, verify=None) -> FoldReport:
+              reparameterize: bool = True, dry_run: bool = False, external_data: bool = False, verify=None) -> FoldReport:
     """Load, fold and atomically save a model. With dry_run nothing is written.
 
     `verify` (bnfold.verify.VerifyOptions) compares the folded model with the original before the
     output is renamed into place; on a mismatch it raises VerificationFailed and writes nothing.
     """
-    options = fold_options(exclude_nodes, assume_inference, lower_standalone)
+    options = fold_options(exclude_nodes, assume_inference, lower_standalone, reparameterize)
     writes = output_path is not None and not dry_run
     if writes:
         check_output_path(output_path)  # before any work, and the scratch file goes on its filesystem

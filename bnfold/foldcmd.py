@@ -42,6 +42,7 @@ class FoldJob:
     verify: object | None = None  # bnfold.verify.VerifyOptions
     assume_inference: bool = False
     lower_standalone: str = "keep"
+    reparameterize: bool = True
 
 
 @dataclass
@@ -210,6 +211,7 @@ def exclusions_per_model(sources: list[str], excluded: list[str]) -> dict[str, t
 def run_fold_job(job: FoldJob) -> FoldReport:
     return fold_file(job.source, job.target, exclude_nodes=job.exclude_nodes,
                      assume_inference=job.assume_inference, lower_standalone=job.lower_standalone,
+                     reparameterize=job.reparameterize,
                      dry_run=job.dry_run, external_data=job.external_data, verify=job.verify)
 
 

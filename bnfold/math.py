@@ -140,3 +140,25 @@ def fold_before_matmul(weight, scale, shift, out_dtype=np.float64) -> tuple[np.n
         with np.errstate(over="ignore"):
             new_weight[:, cols] = block.T
     return new_weight, response
+
+
+def merge_conv_kernels(shape: tuple[int, ...], kernels: list, offsets: list, identity=None,
+                       out_dtype=np.float64) -> np.ndarray:
+    """Parallel Conv branches as one kernel of `shape` ([M, C/g, K...]): each kernel of `kernels`
+    (float64 sum) zero-padded into it at its tap `offsets`, plus, when `identity` = (scale, taps) is
+    given, the identity kernel scaled per output channel: 1 * scale[m] at input slot m % (C/g), tap
+    `taps` (RepVGG's merge). Formed a block of output channels at a time."""
+    out = np.empty(shape, dtype=out_dtype)
+    m, per_group = shape[0], shape[1]
+    for rows in _blocks(m, int(np.prod(shape[1:]))):
+        channels = np.arange(m)[rows]
+        block = np.zeros((len(channels),) + tuple(shape[1:]))
+        for kernel, offset in zip(kernels, offsets):
+            taps = tuple(slice(o, o + k) for o, k in zip(offset, kernel.shape[2:]))
+            block[(slice(None), slice(None)) + taps] += np.asarray(kernel[rows], dtype=np.float64)
+        if identity is not None:
+            scale, taps = identity
+            block[(np.arange(len(channels)), channels % per_group) + tuple(taps)] += scale[channels]
+        with np.errstate(over="ignore"):  # an overflowing cast is refused by the caller (cast_checked)
+            out[rows] = block
+    return out

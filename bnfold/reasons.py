@@ -33,6 +33,12 @@ AFFINE_CONSTANT_INVALID = "affine-constant-invalid"
 SHAPE_UNKNOWN = "shape-unknown"
 INFERENCE_ASSUMED = "inference-assumed"
 LOWERED = "lowered"
+MERGED = "merged"
+ZERO_ADD_REMOVED = "zero-add-removed"
+NON_BRANCH_OPERAND = "non-branch-operand"
+BRANCH_MISMATCH = "branch-mismatch"
+PADDING_MISALIGNED = "padding-misaligned"
+IDENTITY_NOT_ONE_TO_ONE = "identity-not-one-to-one"
 
 MEANINGS = {
     FOLDED: "folded into its neighbour",
@@ -67,4 +73,11 @@ MEANINGS = {
     INFERENCE_ASSUMED: "a training-mode BN rewritten to normalize with its running statistics "
                        "(--assume-inference)",
     LOWERED: "a BN no rule folds, rewritten as Mul then Add (--lower-standalone mul-add)",
+    MERGED: "an Add/Sum of parallel branches over one input merged into one Conv (reparameterize)",
+    ZERO_ADD_REMOVED: "an Add of an all-zero constant removed: it is the identity (reparameterize)",
+    NON_BRANCH_OPERAND: "an Add/Sum of branches has an operand that is not a branch over the same input",
+    BRANCH_MISMATCH: "the branches' Convs differ in weight shape, dtype, group, strides or dilations",
+    PADDING_MISALIGNED: "a branch's padding puts its kernel off the merged kernel's output grid",
+    IDENTITY_NOT_ONE_TO_ONE: "an identity branch does not map each channel and position onto itself "
+                             "(stride, padding, or input and output channel counts)",
 }

@@ -9,10 +9,12 @@ from .base import Decision, FoldOptions, Pass, PassResult, PipelineState
 from .dead_code import RemoveDeadCode
 from .fold_batchnorm import FoldBatchNorm
 from .lower_standalone import LowerStandalone
+from .reparameterize import Reparameterize
 
 PIPELINE = (
     AssumeInference(),  # on request: training-mode BN -> inference mode, so that it can fold
     FoldBatchNorm(),    # BN -> neighbouring Conv/ConvTranspose/Gemm/MatMul (bnfold.rules)
+    Reparameterize(),   # parallel Conv / identity branches summed -> one Conv (RepVGG, MobileOne, ...)
     LowerStandalone(),  # on request: each BN left -> Mul then Add
     RemoveDeadCode(),   # what the passes above disconnected
 )

@@ -23,6 +23,7 @@ class FoldOptions:
     exclude_nodes: frozenset[str] = frozenset()  # BatchNormalization nodes to leave as they are
     assume_inference: bool = False  # rewrite training-mode BNs to use their running statistics
     lower_standalone: str = "keep"  # what becomes of a BN no rule folds: "keep" or "mul-add"
+    reparameterize: bool = True  # merge parallel Conv / identity branches into one Conv
 
 
 @dataclass
@@ -61,6 +62,8 @@ class PipelineState:
     context: ModelContext
     options: FoldOptions = FoldOptions()
     released: set[str] = field(default_factory=set)  # names some node stopped reading or producing
+    # id(BN node) -> (node, the fold pass's decision): a later pass that folds the BN updates it
+    batchnorm_decisions: dict[int, tuple[onnx.NodeProto, Decision]] = field(default_factory=dict)
 
 
 class Pass:

@@ -39,13 +39,14 @@ class FoldBatchNorm(Pass):
             index = GraphIndex(graph, state.context, indexes.get(id(parent)) if parent is not None else None)
             indexes[id(graph)] = index
             index.excluded = excluded
-            decided: dict[int, Decision] = {}  # BN id -> its decision, in graph order
+            decided: dict[int, tuple[onnx.NodeProto, Decision]] = {}  # BN id -> decision, in graph order
             for node in list(graph.node):
-                if is_batchnorm(node) and not (id(node) in decided and decided[id(node)].folded):
+                if is_batchnorm(node) and not (id(node) in decided and decided[id(node)][1].folded):
                     # a BN another fold takes along may have been refused on its own: the fold wins
-                    decided.update((id(n), d) for n, d in _fold_one(node, index, excluded, path))
+                    decided.update((id(n), (n, d)) for n, d in fold_one(node, index, excluded, path))
                     state.context.release_reads()
-            result.decisions.extend(decided.values())
+            result.decisions.extend(d for _, d in decided.values())
+            state.batchnorm_decisions.update(decided)
             state.released |= index.released
         result.modified = any(d.folded for d in result.decisions)
         return result
@@ -64,7 +65,7 @@ def _check_excluded_exist(model: onnx.ModelProto, excluded: frozenset[str]) -> N
                           note="`bnfold inspect MODEL` lists their names", option="exclude_nodes")
 
 
-def _fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str],
+def fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str],
               path: str) -> list[tuple[onnx.NodeProto, Decision]]:
     """The decision for `bn`, then one for each other BN its fold took along."""
     decision = Decision(node=bn.name, reason="", graph=path)
