@@ -142,20 +142,22 @@ def fold_before_matmul(weight, scale, shift, out_dtype=np.float64) -> tuple[np.n
     return new_weight, response
 
 
-def merge_conv_kernels(shape: tuple[int, ...], kernels: list, offsets: list, identity=None,
+def merge_conv_kernels(shape: tuple[int, ...], kernels: list, offsets: list, scales: list, identity=None,
                        out_dtype=np.float64) -> np.ndarray:
-    """Parallel Conv branches as one kernel of `shape` ([M, C/g, K...]): each kernel of `kernels`
-    (float64 sum) zero-padded into it at its tap `offsets`, plus, when `identity` = (scale, taps) is
-    given, the identity kernel scaled per output channel: 1 * scale[m] at input slot m % (C/g), tap
-    `taps` (RepVGG's merge). Formed a block of output channels at a time."""
+    """Parallel Conv branches as one kernel of `shape` ([M, C/g, K...]): the float64 sum of each kernel
+    of `kernels`, scaled per output channel by its `scales` (its BN), zero-padded into it at its tap
+    `offsets`, plus, when `identity` = (scale, taps) is given, the identity kernel scaled per output
+    channel: scale[m] at input slot m % (C/g), tap `taps` (RepVGG's merge). Formed a block of output
+    channels at a time."""
     out = np.empty(shape, dtype=out_dtype)
     m, per_group = shape[0], shape[1]
     for rows in _blocks(m, int(np.prod(shape[1:]))):
         channels = np.arange(m)[rows]
         block = np.zeros((len(channels),) + tuple(shape[1:]))
-        for kernel, offset in zip(kernels, offsets):
+        for kernel, offset, scale in zip(kernels, offsets, scales):
             taps = tuple(slice(o, o + k) for o, k in zip(offset, kernel.shape[2:]))
-            block[(slice(None), slice(None)) + taps] += np.asarray(kernel[rows], dtype=np.float64)
+            factors = scale[rows].reshape((-1,) + (1,) * (kernel.ndim - 1))
+            block[(slice(None), slice(None)) + taps] += np.asarray(kernel[rows], dtype=np.float64) * factors
         if identity is not None:
             scale, taps = identity
             block[(np.arange(len(channels)), channels % per_group) + tuple(taps)] += scale[channels]

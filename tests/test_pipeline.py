@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_pipeline_order():
     names = [p.name for p in PIPELINE]
-    assert names == ["assume-inference", "fold-batchnorm", "reparameterize", "lower-standalone", "remove-dead-code"]
+    assert names == ["assume-inference", "reparameterize", "fold-batchnorm", "lower-standalone", "remove-dead-code"]
     assert len(set(names)) == len(names)
 
 
@@ -52,8 +52,8 @@ def test_a_pass_added_to_the_pipeline_runs_between_its_neighbours(rng, monkeypat
     monkeypatch.setattr(passes, "PIPELINE", (*PIPELINE[:i], recorder, *PIPELINE[i:]))
     _, report = fold_model(conv_bn(rng))
     assert recorder.seen == [["Conv"]]  # after the BN fold, before anything else
-    assert [r.name for r in report.passes] == ["assume-inference", "fold-batchnorm", "recorder",
-                                               "reparameterize", "lower-standalone", "remove-dead-code"]
+    assert [r.name for r in report.passes] == ["assume-inference", "reparameterize", "fold-batchnorm", "recorder",
+                                               "lower-standalone", "remove-dead-code"]
     rows = _table_rows(passes_table(report))
     assert ["recorder", "recorded", "1", "Conv x1"] in rows
 
@@ -67,7 +67,7 @@ def test_dead_code_pass_reports_each_node_it_removes(rng):
     model = make_model(nodes, [tensor("x", np.float32, [1, 4, 7, 7])], [tensor("y", np.float32, None)],
                        bn_initializers(bn_stats(rng, 6), np.float32))
     folded, report = fold_model(model)
-    _, fold_result, _, _, dead_result = report.passes
+    _, _, fold_result, _, dead_result = report.passes
     assert [(d.node, d.reason) for d in fold_result.decisions] == [("bn", "folded")] and fold_result.modified
     assert [(d.node, d.op_type, d.reason) for d in dead_result.decisions] == [("weight", "Constant", "removed")]
     assert dead_result.modified
@@ -81,7 +81,7 @@ def test_passes_report_unmodified_when_nothing_folds(rng):
                        bn_initializers(bn_stats(rng, 6), np.float32))
     folded, report = fold_model(model)
     assert [(r.name, r.modified, len(r.decisions)) for r in report.passes] == [
-        ("assume-inference", False, 0), ("fold-batchnorm", False, 1), ("reparameterize", False, 0),
+        ("assume-inference", False, 0), ("reparameterize", False, 0), ("fold-batchnorm", False, 1),
         ("lower-standalone", False, 0), ("remove-dead-code", False, 0)]
     assert folded.SerializeToString() == model.SerializeToString()
 

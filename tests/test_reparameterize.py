@@ -66,12 +66,39 @@ def assert_merged_into_one_conv(model, count=1):
 def test_repvgg_block_3x3_1x1_identity_bn(rng):
     b = Block(rng)
     b.add(b.add(b.conv("c3", (3, 3), pads=[1, 1, 1, 1]), b.conv("c1", (1, 1), bias=False), "a1"), b.bn("bid"), "y")
-    folded, report = assert_merged_into_one_conv(b.model("y"), 2)
+    folded, report = assert_merged_into_one_conv(b.model("y"))
     bn = next(d for d in report.decisions if d.node == "bid")
     assert (bn.reason, bn.rule, bn.neighbour) == ("folded", "reparameterize", "c3")
     assert report.folded == report.total == 1
     conv = next(n for n in folded.graph.node if n.op_type == "Conv")
     assert (conv.name, conv.input[1], conv.output[0]) == ("c3", "c3_W", "y")  # the kept weight keeps its name
+
+
+def test_conv_bn_branches_are_merged_from_the_original_weights_rounded_once(rng):
+    """RepVGG's train form: 3x3 Conv+BN, 1x1 Conv+BN, BN(x). The merged kernel is the float64 sum of
+    s_i * W_i from the original weights, rounded once: bit for bit what numpy computes."""
+    b = Block(rng)
+    c3 = b.bn("bn3", source=b.conv("c3", (3, 3), pads=[1, 1, 1, 1]))
+    c1 = b.bn("bn1", source=b.conv("c1", (1, 1), bias=False))
+    b.add(b.add(c3, c1, "a1"), b.bn("bid"), "y")
+    model = b.model("y")
+    folded, report = assert_merged_into_one_conv(model)
+    assert [(d.node, d.reason, d.rule) for d in report.decisions] == [
+        ("bn3", "folded", "reparameterize"), ("bn1", "folded", "reparameterize"), ("bid", "folded", "reparameterize")]
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+
+    def affine(prefix):
+        scale = values[f"{prefix}_scale"] / np.sqrt(values[f"{prefix}_var"] + np.float32(1e-5).astype(np.float64))
+        return scale, values[f"{prefix}_B"] - values[f"{prefix}_mean"] * scale
+    (s3, t3), (s1, t1), (sid, tid) = affine("bn3"), affine("bn1"), affine("bid")
+    expected = values["c3_W"] * s3[:, None, None, None]
+    expected[:, :, 1:2, 1:2] += values["c1_W"] * s1[:, None, None, None]
+    expected[np.arange(8), np.arange(8), 1, 1] += sid
+    bias = s3 * values["c3_B"] + t3 + t1 + tid
+    got = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    np.testing.assert_array_equal(got[conv.input[1]], expected.astype(F32))
+    np.testing.assert_array_equal(got[conv.input[2]], bias.astype(F32))
 
 
 def test_identity_branch_without_bn_and_operands_in_either_order(rng):
@@ -132,9 +159,9 @@ def test_bn_after_the_sum_folds_into_the_merged_conv(rng):
     b = Block(rng, c)
     s = b.add(b.add(b.conv("k3", (3, 3), groups=c, pads=[1, 1, 1, 1]), b.conv("k1", (1, 1), groups=c), "a1"), "r", "a2")
     b.bn("y", source=s)
-    folded, report = assert_merged_into_one_conv(b.model("y"), 2)
+    folded, report = assert_merged_into_one_conv(b.model("y"))
     bn = report.decisions[0]
-    assert bn.reason == "folded" and bn.detail.endswith("(after reparameterize)"), bn
+    assert (bn.reason, bn.rule, bn.neighbour) == ("folded", "conv-bn", "k3"), bn
     assert report.left_by_reason == {}
 
 
@@ -259,8 +286,8 @@ def test_non_constant_weight(rng):
 def test_non_branch_operand(rng):
     b = Block(rng)
     b.add(b.add(b.conv("c3", (3, 3), pads=[1, 1, 1, 1]), b.conv("c1", (1, 1)), "a1"), "x", "y")
-    folded, _, sums = merged(b.model("y"))  # the inner Add merges; the outer one adds x, not a branch of r
-    assert [d.reason for d in sums] == ["merged"]
+    folded, _, sums = merged(b.model("y"))  # the outer Add adds x, not a branch of r; the inner one merges
+    assert [(d.node, d.reason) for d in sums] == [("a1", "merged"), ("y", "non-branch-operand")]
     b2 = Block(rng)
     names = [b2.conv("c3", (3, 3), pads=[1, 1, 1, 1]), b2.conv("c1", (1, 1)), "x"]
     b2.nodes.append(helper.make_node("Sum", names, ["y"], name="sum"))

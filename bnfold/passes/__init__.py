@@ -13,8 +13,8 @@ from .reparameterize import Reparameterize
 
 PIPELINE = (
     AssumeInference(),  # on request: training-mode BN -> inference mode, so that it can fold
+    Reparameterize(),   # parallel Conv(+BN) / identity branches summed -> one Conv (RepVGG, MobileOne, ...)
     FoldBatchNorm(),    # BN -> neighbouring Conv/ConvTranspose/Gemm/MatMul (bnfold.rules)
-    Reparameterize(),   # parallel Conv / identity branches summed -> one Conv (RepVGG, MobileOne, ...)
     LowerStandalone(),  # on request: each BN left -> Mul then Add
     RemoveDeadCode(),   # what the passes above disconnected
 )

@@ -39,7 +39,8 @@ class FoldBatchNorm(Pass):
             index = GraphIndex(graph, state.context, indexes.get(id(parent)) if parent is not None else None)
             indexes[id(graph)] = index
             index.excluded = excluded
-            decided: dict[int, tuple[onnx.NodeProto, Decision]] = {}  # BN id -> decision, in graph order
+            # BN id -> decision: those an earlier pass folded (reparameterize), then the rest in graph order
+            decided = {k: v for k, v in state.batchnorm_decisions.items() if v[1].graph == path}
             for node in list(graph.node):
                 if is_batchnorm(node) and not (id(node) in decided and decided[id(node)][1].folded):
                     # a BN another fold takes along may have been refused on its own: the fold wins

@@ -1,25 +1,26 @@
 """Merge parallel branches over one input into one Conv (structural re-parameterization).
 
 RepVGG, MobileOne, RepGhost and ACNet train with branches that sum into one output — k x k and 1 x 1
-Convs (each with its BN, folded into it by the pass before), asymmetric 1 x k / k x 1 Convs, an
-identity branch ``x`` or ``BN(x)`` — and deploy them as one Conv. For an Add or Sum whose operands are
-all such branches over the same tensor x (and at least one Conv):
+Conv+BN, asymmetric 1 x k / k x 1 Conv+BN, an identity branch ``x`` or ``BN(x)`` — and deploy them as
+one Conv. For an Add or Sum whose operands are all such branches over the same tensor x (and at least
+one Conv), with BN_i(y) = s_i * y + t_i (1 and 0 without a BN):
 
-    sum_i conv(x, W_i, b_i) + s * x + t = conv(x, sum_i pad(W_i) + s * I, sum_i b_i + t)
+    sum_i BN_i(conv(x, W_i, b_i)) + s * x + t = conv(x, sum_i s_i pad(W_i) + s * I, sum_i (s_i b_i + t_i) + t)
 
 Exact in real arithmetic when every Conv has the same group count, strides and dilations, the same
-output channels, and a padding that puts its kernel on the same output grid: along each axis the
+weight shape [M, C/g], and a padding that puts its kernel on the same output grid: along each axis the
 branch's first tap reads the merged kernel's tap ``(P - p_i) / d`` (an integer in ``[0, K - k_i]``)
 and its output size equals the merged one (``p_i + q_i - (k_i - 1) d = P + Q - (K - 1) d``), P, Q, K
 the pads and size of the largest kernel. An identity branch needs stride 1, as many input channels as
 output channels (each output channel m then reads input slot ``m % (C/g)`` of its own group), and a
-merged kernel with a tap at offset 0 (``P / d`` an integer, output size = input size). Weights are
-summed in float64 and rounded once. Each branch's output must be read by the sum only. Adds are
-merged in graph order, so a chain ``Add(Add(a, b), c)`` merges pairwise. An Add of an all-zero
-constant that does not broadcast its other operand larger is the identity (exporters write ``x + 0``
-for a branch that is absent) and is removed first. After merging, BNs the merge made foldable
-(RepViT's ``BN(sum of branches)``) are folded; every BN this pass folds or merges has its decision in
-the fold pass's result updated.
+merged kernel with a tap at offset 0 (``P / d`` an integer, output size = input size). This pass runs
+before the BN fold so that each weight is computed in float64 from the original weights and BN
+statistics and rounded once (the BNs of the branches fold here, not one by one first). Each tensor of a
+branch must be read by the next node only. Adds are merged in graph order, so a chain
+``Add(Add(a, b), c)`` merges pairwise. An Add of an all-zero constant that does not broadcast its
+other operand larger is the identity (exporters write ``x + 0`` for a branch that is absent) and is
+removed first. A BN after the sum (RepViT) is folded by the fold pass that follows; the BNs merged
+here are reported by it too (``state.batchnorm_decisions``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from ..reasons import (EXCLUDED_BY_USER, FOLDED, IDENTITY_NOT_ONE_TO_ONE, MERGED
 from ..rules.base import (Refusal, bn_affine, bn_mode_refusal, cast_checked, conv_operands, require_exclusive,
                           set_folded_input, weight_dtype)
 from .base import Decision, Pass, PassResult, PipelineState
-from .fold_batchnorm import fold_one, is_batchnorm
 
 
 class Reparameterize(Pass):
@@ -55,10 +55,8 @@ class Reparameterize(Pass):
             indexes[id(graph)] = index
             index.excluded = state.options.exclude_nodes
             result.decisions += [d for node in list(graph.node) if (d := _remove_zero_add(node, index, path))]
-            merges = [d for node in list(graph.node) if (d := _merge(node, index, state, path))]
-            result.decisions += merges
-            if any(d.reason == MERGED for d in merges):
-                _fold_again(graph, index, state, path)
+            merges = [d for node in reversed(list(graph.node)) if (d := _merge(node, index, state, path))]
+            result.decisions += reversed(merges)
             state.released |= index.released
             state.context.release_reads()
         result.modified = any(d.reason in (MERGED, ZERO_ADD_REMOVED) for d in result.decisions)
@@ -129,46 +127,86 @@ def _bypass(add: onnx.NodeProto, data: str, index: GraphIndex) -> bool:
 # --------------------------------------------------------------------------------------- branches
 @dataclass
 class Branch:
-    """One operand of a sum: a Conv over `source`, a BN over `source`, or `source` itself."""
+    """One operand `name` of a sum, over tensor `source`: a Conv (`conv`) reading it, perhaps followed
+    by a BN (`bn`), a BN alone (an identity branch scaled by the BN), or `source` itself."""
     name: str
     source: str
-    node: onnx.NodeProto | None = None
+    reader: onnx.NodeProto  # the sum that reads `name`
+    conv: onnx.NodeProto | None = None
+    bn: onnx.NodeProto | None = None
 
     @property
     def kind(self) -> str:
-        return "identity" if self.node is None else "conv" if self.node.op_type == "Conv" else "bn"
+        return "conv" if self.conv is not None else "bn" if self.bn is not None else "identity"
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return [n for n in (self.conv, self.bn) if n is not None]
+
+    def describe(self) -> str:
+        return " + ".join(f"{n.op_type} {n.name!r}" for n in self.nodes) or "identity"
 
 
-def _branch_node(name: str, index: GraphIndex) -> onnx.NodeProto | None:
-    """The Conv or BN whose output 0 is `name` (whether a BN may merge is checked in _plan)."""
+def _producer(name: str, index: GraphIndex, ops: tuple[str, ...]) -> onnx.NodeProto | None:
     node = index.producer.get(name)
-    if node is None or node.domain not in ("", "ai.onnx") or node.output[0] != name or not node.input:
+    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ops or not node.input:
         return None
-    return node if node.op_type == "Conv" or is_batchnorm(node) else None
+    return node if node.output[0] == name else None
 
 
-def _branches(names: list[str], index: GraphIndex) -> list[Branch] | None:
-    """The operands as branches over the first tensor that two or more of them branch from, at least
-    one a Conv (an operand is x itself, or a Conv or BN reading x); None if there is no such tensor.
-    Operands that do not branch from it are Branch(name, name)."""
-    nodes = {name: _branch_node(name, index) for name in names}
-    candidates = list(dict.fromkeys([n for name in names for n in (name, *(
-        [nodes[name].input[0]] if nodes[name] is not None else []))]))
-    for source in candidates:
-        group = [Branch(name, source, nodes[name] if name != source else None) for name in names
-                 if name == source or (nodes[name] is not None and nodes[name].input[0] == source)]
-        if len(group) >= 2 and any(b.kind == "conv" for b in group):
-            return [Branch(name, source, nodes[name] if name != source else None)
-                    if name == source or (nodes[name] is not None and nodes[name].input[0] == source)
-                    else Branch(name, name) for name in names]
+def _readings(name: str, reader: onnx.NodeProto, index: GraphIndex) -> list[Branch]:
+    """Every way operand `name` branches from a tensor: itself, Conv(x), BN(x), BN(Conv(x))."""
+    readings = [Branch(name, name, reader)]
+    node = _producer(name, index, ("Conv", "BatchNormalization"))
+    if node is not None and node.op_type == "Conv":
+        readings.append(Branch(name, node.input[0], reader, conv=node))
+    elif node is not None:
+        readings.append(Branch(name, node.input[0], reader, bn=node))
+        conv = _producer(node.input[0], index, ("Conv",))
+        if conv is not None:
+            readings.append(Branch(name, conv.input[0], reader, conv=conv, bn=node))
+    return readings
+
+
+def _branches(terms: list[tuple[str, onnx.NodeProto]], index: GraphIndex) -> list[Branch] | None:
+    """The operands as branches over the first tensor that two or more of them branch from, one at
+    least with a Conv; operands that do not branch from it are Branch(name, name). None if there is
+    no such tensor: the sum is no candidate."""
+    readings = [_readings(name, reader, index) for name, reader in terms]
+    sources = list(dict.fromkeys(r.source for options in readings for r in options))
+    for source in sources:
+        chosen = [next((r for r in options if r.source == source), None) for options in readings]
+        group = [r for r in chosen if r is not None]
+        if len(group) >= 2 and any(r.kind == "conv" for r in group):
+            return [r if r is not None else options[0] for r, options in zip(chosen, readings)]
     return None
+
+
+def _terms(node: onnx.NodeProto, index: GraphIndex) -> tuple[list[tuple[str, onnx.NodeProto]], list]:
+    """The operands of the sum `node` as (name, the sum reading it), with those of the Adds/Sums that
+    feed it only expanded in place (``Add(Add(a, b), c)`` is a + b + c: merged at once, each weight
+    rounded once), and those inner sums."""
+    terms, inner = [], []
+    for name in node.input:
+        producer = index.producer.get(name)
+        readers = index.value_readers(name)
+        exclusive = producer is not None and _is_sum(producer) and producer.output[0] == name \
+            and not index.is_output(name) and len(readers) == 1 and readers[0] is node
+        if exclusive and len(inner) < len(index.graph.node):
+            more_terms, more_inner = _terms(producer, index)
+            terms += more_terms
+            inner += [producer, *more_inner]
+        elif name:
+            terms.append((name, node))
+    return terms, inner
 
 
 def _merge(node: onnx.NodeProto, index: GraphIndex, state: PipelineState, path: str) -> Decision | None:
     """Merge the sum `node` if its operands are branches over one input; None if it is no such sum."""
     if not _is_sum(node) or index.producer.get(node.output[0]) is not node:
         return None
-    branches = _branches([name for name in node.input if name], index)
+    terms, inner = _terms(node, index)
+    branches = _branches(terms, index)
     if branches is None:
         return None
     source = next(b.source for b in branches if b.kind == "conv")
@@ -181,13 +219,14 @@ def _merge(node: onnx.NodeProto, index: GraphIndex, state: PipelineState, path: 
     except Refusal as refusal:
         decision.reason, decision.detail = refusal.reason, refusal.detail
         return decision
-    kept = _rewrite(node, branches, plan, index)
+    kept = _rewrite(node, inner, branches, plan, index)
     decision.reason = MERGED
     decision.detail = f"{len(branches)} branches over {source} merged into Conv {kept.name!r}: " + \
-        ", ".join(f"{b.kind} {b.node.name!r}" if b.node is not None else "identity" for b in branches)
+        ", ".join(b.describe() for b in branches)
     for branch in branches:
-        if branch.kind == "bn":
-            _mark_folded(state, branch.node, kept, "merged into it as an identity branch (reparameterize)")
+        if branch.bn is not None:
+            how = "with its Conv's branch" if branch.conv is not None else "as an identity branch"
+            _record_merged_bn(state, branch.bn, kept, path, f"merged {how} into Conv {kept.name!r} (reparameterize)")
     return decision
 
 
@@ -225,13 +264,8 @@ def _geometry(conv: onnx.NodeProto, weight: np.ndarray) -> Geometry:
 def _plan(node: onnx.NodeProto, branches: list[Branch], index: GraphIndex) -> MergePlan:
     """Every condition of an exact merge, and the merged weight and bias (module docstring)."""
     for branch in branches:
-        if branch.node is not None:
-            require_exclusive(index, branch.name, node, f"{branch.node.op_type} {branch.node.name!r}")
-        if branch.kind == "bn" and branch.node.name in index.excluded:
-            raise Refusal(EXCLUDED_BY_USER, f"the identity branch's BN {branch.node.name!r} is excluded by name")
-        if branch.kind == "bn" and (refusal := bn_mode_refusal(branch.node, index)) is not None:
-            raise refusal
-    convs = [b.node for b in branches if b.kind == "conv"]
+        _check_branch(branch, index)
+    convs = [b.conv for b in branches if b.kind == "conv"]
     operands = [conv_operands(index, conv) for conv in convs]
     weights = [w for w, _, _ in operands]
     dtype = weight_dtype(weights[0], "Conv weight")
@@ -249,14 +283,36 @@ def _plan(node: onnx.NodeProto, branches: list[Branch], index: GraphIndex) -> Me
     offsets = [tuple((b - g.begin[a]) // g.dilations[a] for a, b in enumerate(begin)) for g in geometries]
     identity = _identity(branches, index, first, groups, geometries[0], kernel, begin, end)
     shape = (first.shape[0], first.shape[1]) + kernel
+    affines = [_branch_affine(b, index, shape[0]) for b in branches if b.kind == "conv"]
     diagonal = None if identity is None else (identity[0], identity[2])
-    merged = merge_conv_kernels(shape, weights, offsets, diagonal, dtype)
-    bias = sum((np.zeros(shape[0]) if b is None else b.astype(np.float64) for _, b, _ in operands), np.zeros(shape[0]))
+    merged = merge_conv_kernels(shape, weights, offsets, [a[0] for a in affines], diagonal, dtype)
+    bias = np.zeros(shape[0])
+    for (_, b, _), (scale, shift) in zip(operands, affines):  # BN(conv + b) = scale * conv + (scale * b + shift)
+        bias = bias + (0.0 if b is None else scale * b.astype(np.float64)) + shift
     if identity is not None:
         bias = bias + identity[1]
     keep = convs[int(np.argmax([np.prod(w.shape[2:]) for w in weights]))]
     return MergePlan(keep, cast_checked(merged, dtype, "weights"), cast_checked(bias, dtype, "biases"),
                      list(begin) + list(end))
+
+
+def _check_branch(branch: Branch, index: GraphIndex) -> None:
+    """Each tensor a branch changes is read by the next node only; its BN folds (inference mode, not
+    excluded)."""
+    nodes = branch.nodes
+    for writer, reader in zip(nodes, nodes[1:] + [branch.reader]):
+        require_exclusive(index, writer.output[0], reader, f"{writer.op_type} {writer.name!r}")
+    if branch.bn is not None and branch.bn.name in index.excluded:
+        raise Refusal(EXCLUDED_BY_USER, f"the branch's BN {branch.bn.name!r} is excluded by name")
+    if branch.bn is not None and (refusal := bn_mode_refusal(branch.bn, index)) is not None:
+        raise refusal
+
+
+def _branch_affine(branch: Branch, index: GraphIndex, outputs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-output-channel (scale, shift) of a Conv branch's BN; (1, 0) without one."""
+    if branch.bn is None:
+        return np.ones(outputs), np.zeros(outputs)
+    return bn_affine(branch.bn, index, outputs)
 
 
 def _merged_layout(convs, geometries: list[Geometry]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -300,7 +356,7 @@ def _identity(branches, index, weight, groups, geometry: Geometry, kernel, begin
     scale, shift = np.zeros(outputs), np.zeros(outputs)
     for branch in identities:
         if branch.kind == "bn":
-            s, t = bn_affine(branch.node, index, outputs)
+            s, t = bn_affine(branch.bn, index, outputs)
             scale, shift = scale + s, shift + t
         else:
             scale = scale + 1.0
@@ -308,9 +364,10 @@ def _identity(branches, index, weight, groups, geometry: Geometry, kernel, begin
 
 
 # ---------------------------------------------------------------------------------------- rewrite
-def _rewrite(node: onnx.NodeProto, branches: list[Branch], plan: MergePlan, index: GraphIndex) -> onnx.NodeProto:
+def _rewrite(node: onnx.NodeProto, inner: list[onnx.NodeProto], branches: list[Branch], plan: MergePlan,
+             index: GraphIndex) -> onnx.NodeProto:
     """The kept Conv takes the merged weight, bias and pads and writes the sum's output; the other
-    branch nodes and the sum go."""
+    branch nodes, the sum and the sums inside it go."""
     keep, output = plan.keep, node.output[0]
     base = keep.name or output
     set_folded_input(index, keep, 1, plan.weight, f"{base}_W_bnfold")
@@ -321,11 +378,11 @@ def _rewrite(node: onnx.NodeProto, branches: list[Branch], plan: MergePlan, inde
         _set_ints(keep, "kernel_shape", list(plan.weight.shape[2:]))
     index.remove_node(node)
     removed = {id(keep)}
-    for branch in branches:
-        if branch.node is not None and id(branch.node) not in removed:
-            removed.add(id(branch.node))
-            index.redirect_metadata_readers(branch.name, output)
-            index.remove_node(branch.node)
+    for branch_node in [*inner, *(n for branch in branches for n in branch.nodes)]:
+        if id(branch_node) not in removed:
+            removed.add(id(branch_node))
+            index.redirect_metadata_readers(branch_node.output[0], output)
+            index.remove_node(branch_node)
     index.redirect_metadata_readers(keep.output[0], output)
     index.set_output(keep, 0, output)
     return keep
@@ -341,25 +398,7 @@ def _set_ints(node: onnx.NodeProto, name: str, values: list[int] | None) -> None
 
 
 # --------------------------------------------------------------------------------- BN decisions
-def _mark_folded(state: PipelineState, bn: onnx.NodeProto, conv: onnx.NodeProto, how: str) -> None:
-    """Update the fold pass's decision for `bn`: this pass folded it."""
-    entry = state.batchnorm_decisions.get(id(bn))
-    if entry is not None:
-        decision = entry[1]
-        decision.reason, decision.detail = FOLDED, how
-        decision.rule, decision.neighbour, decision.neighbour_op = "reparameterize", conv.name, conv.op_type
-
-
-def _fold_again(graph: onnx.GraphProto, index: GraphIndex, state: PipelineState, path: str) -> None:
-    """Fold the BNs left by the fold pass that a merge put next to a Conv (RepViT's BN after the sum)."""
-    for node in list(graph.node):
-        entry = state.batchnorm_decisions.get(id(node))
-        if entry is None or entry[1].folded or not is_batchnorm(node):
-            continue
-        decisions = fold_one(node, index, state.options.exclude_nodes, path)
-        if decisions[0][1].folded:
-            for bn, decision in decisions:
-                previous = state.batchnorm_decisions.get(id(bn))
-                if previous is not None:
-                    previous[1].__dict__.update(decision.__dict__)
-                    previous[1].detail += " (after reparameterize)"
+def _record_merged_bn(state: PipelineState, bn: onnx.NodeProto, conv: onnx.NodeProto, path: str, how: str) -> None:
+    """The decision for a BN this pass merged; the fold pass, which runs next, reports it."""
+    state.batchnorm_decisions[id(bn)] = (bn, Decision(node=bn.name, reason=FOLDED, detail=how, rule="reparameterize",
+                                                      neighbour=conv.name, neighbour_op=conv.op_type, graph=path))
