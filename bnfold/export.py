@@ -206,6 +206,14 @@ def _resolve(model) -> tuple[Callable, tuple[tuple[int, ...], ...] | None]:
     return samples[model].factory, samples[model].input_shapes
 
 
+def _train_form(model) -> Callable | None:
+    """For a sample that is a deploy twin, its train form's factory: the twin is made from the train form's
+    seeded weights and randomized BNs, as `bnfold export` gives them to the train form itself."""
+    if not isinstance(model, str) or ":" in model:
+        return None
+    return _samples()[model].train_form
+
+
 def _load_callable(spec: str) -> Callable:
     """Import ``package.module:attr.attr`` and return the callable it names."""
     module_name, _, attr_path = spec.partition(":")
@@ -242,11 +250,16 @@ def _prepare(torch, model, input_shapes, randomize_bn: bool, seed: int):
     """The eval-mode module (weights seeded, BN randomized if asked) and its seeded float32 inputs."""
     factory, default_shapes = _resolve(model)
     shapes = _check_shapes(input_shapes or default_shapes, model)
+    train_form = _train_form(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = _build(factory, model)
+        module = _build(train_form or factory, model)
     if randomize_bn:
         randomize_batchnorm(module, seed)
+    if train_form is not None:
+        from .zoo import deploy
+
+        module = deploy(module).eval()
     generator = torch.Generator().manual_seed(seed)
     return module, tuple(torch.randn(shape, generator=generator) for shape in shapes)
 

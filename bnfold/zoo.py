@@ -23,12 +23,25 @@ levit_block         LeViT block: MatMul -> Reshape -> BN1d -> Reshape; BN1d -> G
 iresnet_head        IResNet blocks; face head BN2d -> Dropout -> Flatten -> Linear -> BN1d
 tf_conv_bias        Conv -> Add/Mul/Sub(per-channel constant) -> BN; BN -> Mul; BN -> BN
 channels_last_mlp   BN (NCHW) -> Transpose to NHWC (-> Reshape) -> MatMul
+repvgg_small        RepVGG-A0 blocks: 3x3 Conv+BN + 1x1 Conv+BN (+ BN on x), summed
+mobileone_small     MobileOne: 3 kxk Conv+BN + 1x1 scale Conv+BN (+ BN on x); depthwise, pointwise
+repghost_small      RepGhost: depthwise 3x3 Conv+BN + BN on the same input, in ghost bottlenecks
+acnet_small         ACNet: 3x3 + 1x3 + 3x1 Conv+BN, summed; dense, strided, depthwise
+repvit_block        RepViT token mixer: BN(depthwise 3x3 Conv+BN + depthwise 1x1 Conv + x)
+NAME_deploy         each of the five above re-parameterized in torch: one Conv per block, no BN
 ==================  =====================================================================
 
 ``SAMPLES`` maps each name to a :class:`Sample` (factory, default input shapes, description), in the
 order above. Weights come from torch's default initialisation: seed the RNG before calling a factory
-for reproducible weights (``bnfold export`` does). This module imports torch: only bnfold.export
-imports it, lazily; the committed exports of these models are in the checkout's sample_models/.
+for reproducible weights (``bnfold export`` does).
+
+The re-parameterizable samples train with parallel branches that are meant to ship as one Conv; each
+carries its own deploy-time merge in torch, as the papers' code does (:class:`RepBlock`,
+:func:`deploy`), so that its deploy twin ``NAME_deploy`` is what the model's authors would export.
+``bnfold export`` makes a twin from the train form's seeded weights and randomized BNs.
+
+This module imports torch: only bnfold.export imports it, lazily; the committed exports of these
+models are in the checkout's sample_models/.
 """
 
 from __future__ import annotations
@@ -514,6 +527,306 @@ class ChannelsLastMLP(nn.Module):
         return self.classifier(self.token_mlp(tokens).mean(1))
 
 
+# ---------------------------------------------------------------------- structural re-parameterization
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN as per-channel (scale, shift) in float64: bn(x) = scale * x + shift."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def _identity_kernel(channels: int, in_per_group: int) -> torch.Tensor:
+    """The 1x1 kernel of x itself: 1 in each output channel's own input slot of its group."""
+    kernel = torch.zeros(channels, in_per_group, 1, 1, dtype=torch.float64)
+    index = torch.arange(channels)
+    kernel[index, index % in_per_group] = 1.0
+    return kernel
+
+
+def _centred(kernel: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Zero-pad an odd kernel to `size` around its centre: with 'same' padding it computes the same grid."""
+    rows, cols = size[0] - kernel.shape[2], size[1] - kernel.shape[3]
+    return nn.functional.pad(kernel, (cols // 2, cols // 2, rows // 2, rows // 2))
+
+
+class RepBlock(nn.Module):
+    """Parallel branches over one input, summed (then, optionally, one BN): deploys as a single Conv.
+
+    Subclasses name their branches in `branch_names` (a Conv+BN, a plain Conv, a BN on x, x itself as
+    nn.Identity, a ModuleList of those, or None when absent) and the BN applied to the sum in `after_sum`,
+    and compute the train form in `branch_sum`. `reparameterize()` does what the papers' deploy code
+    does: each branch becomes a kernel and a bias (BN folded, small kernels zero-padded to the block's
+    size around their centre, an identity as a centre-1 kernel), all are summed in float64 and the
+    result, rounded once to the block's dtype, is one Conv with a bias that replaces the branches.
+    """
+
+    branch_names: tuple[str, ...] = ()
+    after_sum: str | None = None
+
+    def __init__(self, cin: int, cout: int, size: tuple[int, int], stride: int, groups: int):
+        super().__init__()
+        self.cin, self.cout, self.size, self.stride, self.groups = cin, cout, size, stride, groups
+        self.fused: nn.Conv2d | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch_sum(x) if self.fused is None else self.fused(x)
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The train form's computation (each subclass writes it as its paper's code does)."""
+        raise NotImplementedError
+
+    def branches(self) -> list[nn.Module]:
+        """The branches present, ModuleLists flattened."""
+        found: list[nn.Module] = []
+        for name in self.branch_names:
+            branch = getattr(self, name)
+            if isinstance(branch, nn.ModuleList):
+                found.extend(branch)
+            elif branch is not None:
+                found.append(branch)
+        return found
+
+    def kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one Conv's kernel and bias, in float64."""
+        kernel = torch.zeros(self.cout, self.cin // self.groups, *self.size, dtype=torch.float64)
+        bias = torch.zeros(self.cout, dtype=torch.float64)
+        for branch in self.branches():
+            k, b = self._branch_kernel_bias(branch)
+            kernel, bias = kernel + _centred(k, self.size), bias + b
+        if self.after_sum is not None:
+            scale, shift = _bn_affine(getattr(self, self.after_sum))
+            kernel, bias = kernel * scale.view(-1, 1, 1, 1), bias * scale + shift
+        return kernel, bias
+
+    def _branch_kernel_bias(self, branch: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(branch, RepBlock):
+            return branch.kernel_bias()
+        if isinstance(branch, nn.Conv2d):
+            bias = torch.zeros(self.cout, dtype=torch.float64) if branch.bias is None else branch.bias.double()
+            return branch.weight.double(), bias
+        identity = _identity_kernel(self.cout, self.cin // self.groups)
+        if isinstance(branch, nn.BatchNorm2d):
+            scale, shift = _bn_affine(branch)
+            return identity * scale.view(-1, 1, 1, 1), shift
+        if isinstance(branch, nn.Identity):
+            return identity, torch.zeros(self.cout, dtype=torch.float64)
+        raise TypeError(f"{type(self).__name__} cannot merge a {type(branch).__name__} branch")
+
+    def reparameterize(self) -> None:
+        """Replace the branches (and the BN after their sum) by one Conv with a bias."""
+        kernel, bias = self.kernel_bias()
+        dtype = next(self.parameters()).dtype
+        fused = nn.Conv2d(self.cin, self.cout, self.size, self.stride, (self.size[0] // 2, self.size[1] // 2),
+                          groups=self.groups, bias=True).to(dtype)
+        with torch.no_grad():
+            fused.weight.copy_(kernel)
+            fused.bias.copy_(bias)
+        for name in (*self.branch_names, *([self.after_sum] if self.after_sum else [])):
+            setattr(self, name, None)
+        self.fused = fused
+
+
+def deploy(model: nn.Module) -> nn.Module:
+    """Re-parameterize a model in place, as the papers' code does before export: every RepBlock (each
+    Conv+BN pair included) becomes one Conv, so no BN is left. Returns the model."""
+    if isinstance(model, RepBlock):
+        model.reparameterize()
+    else:
+        for child in model.children():
+            deploy(child)
+    return model
+
+
+class ConvBN(RepBlock):
+    """Conv (no bias, 'same' padding) + BatchNorm2d; deploys as a Conv with a bias."""
+
+    branch_names = ("conv",)
+    after_sum = "bn"
+
+    def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1, groups: int = 1):
+        size = (kernel, kernel) if isinstance(kernel, int) else kernel
+        super().__init__(cin, cout, size, stride, groups)
+        self.conv = nn.Conv2d(cin, cout, size, stride, (size[0] // 2, size[1] // 2), groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+class RepVGGBlock(RepBlock):
+    """RepVGG block: 3x3 Conv+BN + 1x1 Conv+BN (+ BN on x when the shapes agree); ReLU follows it.
+
+    Written as the RepVGG paper's code writes it: the missing identity branch is the number 0.
+    """
+
+    branch_names = ("dense", "pointwise", "identity")
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, (3, 3), stride, 1)
+        self.dense = ConvBN(cin, cout, 3, stride)
+        self.pointwise = ConvBN(cin, cout, 1, stride)
+        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        identity = 0 if self.identity is None else self.identity(x)
+        return self.dense(x) + self.pointwise(x) + identity
+
+
+def repvgg_small(depths: tuple[int, ...] = (1, 2, 4, 1), widths: tuple[int, ...] = (8, 16, 32, 64),
+                 classes: int = 10) -> nn.Module:
+    """RepVGG-A0's layout (first block of each stage strided), shortened and narrow, global pool + Linear."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for depth, width in zip(depths, widths):
+        for i in range(depth):
+            layers += [RepVGGBlock(cin, width, 2 if i == 0 else 1), nn.ReLU()]
+            cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+class MobileOneBlock(RepBlock):
+    """MobileOne block: `count` parallel kxk Conv+BN (over-parameterization), a 1x1 Conv+BN scale branch
+    when k > 1, a BN on x when the shapes agree; ReLU follows it.
+
+    Written as MobileOne's published code writes it: the sum starts from the scale and skip outputs,
+    each the number 0 when absent, and adds the kxk branches one by one.
+    """
+
+    branch_names = ("skip", "scale", "convs")
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, groups: int, count: int):
+        super().__init__(cin, cout, (kernel, kernel), stride, groups)
+        self.convs = nn.ModuleList(ConvBN(cin, cout, kernel, stride, groups) for _ in range(count))
+        self.scale = ConvBN(cin, cout, 1, stride, groups) if kernel > 1 else None
+        self.skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 0 if self.scale is None else self.scale(x)
+        skip = 0 if self.skip is None else self.skip(x)
+        out = scale + skip
+        for conv in self.convs:
+            out = out + conv(x)
+        return out
+
+
+def mobileone_small(count: int = 3, classes: int = 10) -> nn.Module:
+    """MobileOne-S0-like: a 3x3/2 MobileOne stem, then units of a depthwise 3x3 block and a pointwise
+    1x1 block (each block `count` branches wide), strides 2, 2, 1; global pool + Linear."""
+    layers: list[nn.Module] = [MobileOneBlock(3, 16, 3, 2, 1, count), nn.ReLU()]
+    for cin, cout, stride in ((16, 32, 2), (32, 48, 2), (48, 48, 1)):
+        layers += [MobileOneBlock(cin, cin, 3, stride, cin, count), nn.ReLU(),
+                   MobileOneBlock(cin, cout, 1, 1, 1, count), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, classes))
+
+
+class GhostCheap(RepBlock):
+    """RepGhost's cheap operation: a depthwise 3x3 Conv+BN on x plus a BN on x itself (the identity that
+    re-parameterizes, where GhostNet concatenates)."""
+
+    branch_names = ("cheap", "fusion")
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, (3, 3), 1, channels)
+        self.cheap = ConvBN(channels, channels, 3, groups=channels)
+        self.fusion = nn.BatchNorm2d(channels)
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cheap(x) + self.fusion(x)
+
+
+def repghost_module(cin: int, cout: int, relu: bool) -> nn.Sequential:
+    """RepGhost module: 1x1 Conv+BN (+ ReLU), then the cheap operation on its output (+ ReLU)."""
+    act = nn.ReLU if relu else nn.Identity
+    return nn.Sequential(ConvBN(cin, cout, 1), act(), GhostCheap(cout), act())
+
+
+class RepGhostBottleneck(nn.Module):
+    """RepGhost bottleneck: ghost module (ReLU), depthwise 3x3/2 Conv+BN when strided, ghost module
+    (no ReLU), plus the shortcut: x, or a depthwise 3x3 Conv+BN then a 1x1 Conv+BN."""
+
+    def __init__(self, cin: int, mid: int, cout: int, stride: int):
+        super().__init__()
+        layers = [repghost_module(cin, mid, relu=True)]
+        if stride > 1:
+            layers.append(ConvBN(mid, mid, 3, stride, groups=mid))
+        self.body = nn.Sequential(*layers, repghost_module(mid, cout, relu=False))
+        self.shortcut: nn.Module = nn.Identity()
+        if stride > 1 or cin != cout:
+            self.shortcut = nn.Sequential(ConvBN(cin, cin, 3, stride, groups=cin), ConvBN(cin, cout, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+def repghost_small(classes: int = 10) -> nn.Module:
+    """RepGhostNet-like: 3x3/2 Conv+BN+ReLU stem, three bottlenecks (the second strided), 1x1 Conv+BN+ReLU,
+    global pool + Linear."""
+    return nn.Sequential(ConvBN(3, 8, 3, 2), nn.ReLU(),
+                         RepGhostBottleneck(8, 16, 8, 1), RepGhostBottleneck(8, 24, 16, 2),
+                         RepGhostBottleneck(16, 32, 16, 1),
+                         ConvBN(16, 64, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+
+class ACBlock(RepBlock):
+    """ACNet's asymmetric convolution block: 3x3 Conv+BN + 1x3 Conv+BN + 3x1 Conv+BN, each padded so
+    that its kernel centre sits on the same output grid."""
+
+    branch_names = ("square", "horizontal", "vertical")
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, groups: int = 1):
+        super().__init__(cin, cout, (3, 3), stride, groups)
+        self.square = ConvBN(cin, cout, 3, stride, groups)
+        self.horizontal = ConvBN(cin, cout, (1, 3), stride, groups)
+        self.vertical = ConvBN(cin, cout, (3, 1), stride, groups)
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.square(x) + self.vertical(x) + self.horizontal(x)
+
+
+def acnet_small(classes: int = 10) -> nn.Module:
+    """A small CNN whose every Conv is an ACBlock + ReLU: dense, strided, depthwise; global pool + Linear."""
+    layers: list[nn.Module] = []
+    for cin, cout, stride, groups in ((3, 16, 1, 1), (16, 32, 2, 1), (32, 32, 1, 32), (32, 64, 2, 1)):
+        layers += [ACBlock(cin, cout, stride, groups), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+
+class RepViTMixer(RepBlock):
+    """RepViT's token mixer (RepVGGDW): BN(depthwise 3x3 Conv+BN + depthwise 1x1 Conv with a bias + x),
+    a BN after the sum of the branches."""
+
+    branch_names = ("conv", "conv1", "skip")
+    after_sum = "bn"
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, (3, 3), 1, channels)
+        self.conv = ConvBN(channels, channels, 3, groups=channels)
+        self.conv1 = nn.Conv2d(channels, channels, 1, groups=channels)
+        self.skip = nn.Identity()
+        self.bn = nn.BatchNorm2d(channels)
+
+    def branch_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x) + self.conv1(x) + self.skip(x))
+
+
+class RepViTBlock(nn.Module):
+    """RepViT block: the token mixer, then a residual channel mixer 1x1 Conv+BN, GELU, 1x1 Conv+BN."""
+
+    def __init__(self, dim: int, ratio: int = 2):
+        super().__init__()
+        self.mixer = RepViTMixer(dim)
+        self.ffn = nn.Sequential(ConvBN(dim, ratio * dim, 1), nn.GELU(), ConvBN(ratio * dim, dim, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mixer(x)
+        return x + self.ffn(x)
+
+
+def repvit_block(dim: int = 16, classes: int = 10) -> nn.Module:
+    """RepViT's stem (two 3x3/2 Conv+BN, GELU between), one RepViT block, global pool + Linear."""
+    return nn.Sequential(ConvBN(3, dim // 2, 3, 2), nn.GELU(), ConvBN(dim // 2, dim, 3, 2),
+                         RepViTBlock(dim), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dim, classes))
+
+
 # -------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Sample:
@@ -522,6 +835,25 @@ class Sample:
     factory: Callable[[], nn.Module]
     input_shapes: tuple[tuple[int, ...], ...]
     description: str
+    # A deploy twin's train form: export builds it, randomizes its BNs, then deploys it, so that both
+    # forms hold the same weights and statistics (`factory` deploys the unrandomized train form).
+    train_form: Callable[[], nn.Module] | None = None
+
+
+def _deploy_twin(name: str, train: Sample) -> Sample:
+    """The sample re-parameterized in torch (one Conv per block, no BN), from the same train form."""
+    return Sample(lambda: deploy(train.factory()), train.input_shapes,
+                  f"{name} deployed in torch: one Conv per block, no BN", train.factory)
+
+
+_REPARAMETERIZABLE = {
+    "repvgg_small": Sample(repvgg_small, ((1, 3, 32, 32),), "RepVGG-A0 blocks: 3x3, 1x1 and identity-BN branches"),
+    "mobileone_small": Sample(mobileone_small, ((1, 3, 32, 32),),
+                              "MobileOne: 3 kxk branches, 1x1 scale, identity BN; depthwise + pointwise"),
+    "repghost_small": Sample(repghost_small, ((1, 3, 32, 32),), "RepGhost: depthwise Conv+BN + BN on the same input"),
+    "acnet_small": Sample(acnet_small, ((1, 3, 32, 32),), "ACNet: 3x3 + 1x3 + 3x1 Conv+BN branches"),
+    "repvit_block": Sample(repvit_block, ((1, 3, 32, 32),), "RepViT mixer: BN(Conv+BN + Conv + x)"),
+}
 
 
 SAMPLES: dict[str, Sample] = {
@@ -545,4 +877,6 @@ SAMPLES: dict[str, Sample] = {
     "iresnet_head": Sample(iresnet_head, ((1, 3, 32, 32),), "IResNet blocks, BN2d -> Flatten -> Linear -> BN1d head"),
     "tf_conv_bias": Sample(TFConvBias, ((1, 3, 32, 32),), "per-channel Add/Mul/Sub between Conv and BN, BN -> BN"),
     "channels_last_mlp": Sample(ChannelsLastMLP, ((1, 3, 32, 32),), "BN (NCHW) -> Transpose to NHWC -> MatMul"),
+    **{key: value for name, train in _REPARAMETERIZABLE.items()
+       for key, value in ((name, train), (f"{name}_deploy", _deploy_twin(name, train)))},
 }

@@ -42,6 +42,8 @@ class Committed:
 # dynamo in torch 2.13 / onnxscript 0.7 writes a 2-D zero bias for a bias-free Conv3d (onnxscript
 # issue 2931), a model onnxruntime refuses. The TorchScript variants at opsets 9 and 13 keep the
 # older BatchNormalization versions (no training_mode attribute) covered on a machine without torch.
+# Each re-parameterizable sample X has its deploy twin X_deploy: the same weights and BN statistics,
+# merged in torch into one Conv per block (bnfold.zoo.deploy), as the model's authors would export it.
 COMMITTED = (
     Committed("resnet_small", "resnet_small"),
     Committed("resnet50_small", "resnet50_small"),
@@ -58,6 +60,10 @@ COMMITTED = (
     Committed("iresnet_head", "iresnet_head"),
     Committed("tf_conv_bias", "tf_conv_bias"),
     Committed("channels_last_mlp", "channels_last_mlp"),
+    *(Committed(name, name) for name in ("repvgg_small", "repvgg_small_deploy", "mobileone_small",
+                                          "mobileone_small_deploy", "repghost_small", "repghost_small_deploy",
+                                          "acnet_small", "acnet_small_deploy", "repvit_block",
+                                          "repvit_block_deploy")),
     Committed("resnet_small_opset9", "resnet_small", "torchscript", 9),
     Committed("mlp_bn1d_opset13", "mlp_bn1d", "torchscript", 13),
     Committed("shared_conv_opset13", "shared_conv", "torchscript", 13),

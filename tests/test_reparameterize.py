@@ -161,8 +161,23 @@ def test_bn_after_the_sum_folds_into_the_merged_conv(rng):
     b.bn("y", source=s)
     folded, report = assert_merged_into_one_conv(b.model("y"))
     bn = report.decisions[0]
-    assert (bn.reason, bn.rule, bn.neighbour) == ("folded", "conv-bn", "k3"), bn
+    assert (bn.node, bn.reason, bn.rule, bn.neighbour) == ("y", "folded", "reparameterize", "k3"), bn
     assert report.left_by_reason == {}
+    assert [o.name for o in folded.graph.output] == ["y"]
+
+
+def test_a_bn_after_the_sum_that_cannot_fold_stays(rng):
+    """Its statistics are not constants: the branches merge, the BN stays for the fold pass to judge."""
+    c = 8
+    b = Block(rng, c)
+    s = b.add(b.conv("k3", (3, 3), groups=c, pads=[1, 1, 1, 1]), b.conv("k1", (1, 1), groups=c), "a1")
+    b.bn("y", source=s)
+    b.inits = [i for i in b.inits if i.name != "y_mean"]
+    b.inputs.append(tensor("y_mean", F32, [c]))
+    folded, report, sums = merged(b.model("y"))
+    assert [d.reason for d in sums] == ["merged"] and op_types(folded) == ["Relu", "Conv", "BatchNormalization"]
+    assert report.decisions[0].reason == "weights-not-constant"
+    assert_same_function(b.model("y"), folded)
 
 
 def test_x_plus_zero_goes_first(rng):

@@ -22,7 +22,9 @@ MODEL_IDS = [p.stem for p in MODELS]
 BN_COUNT = {"resnet_small": 20, "resnet50_small": 53, "mobilenetv2_small": 19, "efficientnet_block": 11,
             "densenet_small": 15, "unet_small": 9, "audio_conv1d": 4, "video_conv3d": 3, "mlp_bn1d": 2,
             "preact_block": 3, "shared_conv": 2, "levit_block": 7, "iresnet_head": 11, "tf_conv_bias": 6,
-            "channels_last_mlp": 3}
+            "channels_last_mlp": 3, "repvgg_small": 20, "mobileone_small": 27, "repghost_small": 23,
+            "acnet_small": 12, "repvit_block": 6, "repvgg_small_deploy": 0, "mobileone_small_deploy": 0,
+            "repghost_small_deploy": 0, "acnet_small_deploy": 0, "repvit_block_deploy": 0}
 
 # What an exact fold must leave, by reason. DenseNet: the BN after each Concat, after the transition's
 # AvgPool and the final one have no linear neighbour (ReLU follows them). preact_block: the BN before

@@ -19,8 +19,9 @@ statistics and rounded once (the BNs of the branches fold here, not one by one f
 branch must be read by the next node only. Adds are merged in graph order, so a chain
 ``Add(Add(a, b), c)`` merges pairwise. An Add of an all-zero constant that does not broadcast its
 other operand larger is the identity (exporters write ``x + 0`` for a branch that is absent) and is
-removed first. A BN after the sum (RepViT) is folded by the fold pass that follows; the BNs merged
-here are reported by it too (``state.batchnorm_decisions``).
+removed first. A BN that alone reads the sum (RepViT's ``BN(sum of branches)``) is merged too, its
+affine applied last. The BNs merged here are reported by the fold pass that follows
+(``state.batchnorm_decisions``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..reasons import (EXCLUDED_BY_USER, FOLDED, IDENTITY_NOT_ONE_TO_ONE, MERGED
 from ..rules.base import (Refusal, bn_affine, bn_mode_refusal, cast_checked, conv_operands, require_exclusive,
                           set_folded_input, weight_dtype)
 from .base import Decision, Pass, PassResult, PipelineState
+from .fold_batchnorm import is_batchnorm
 
 
 class Reparameterize(Pass):
@@ -223,10 +225,12 @@ def _merge(node: onnx.NodeProto, index: GraphIndex, state: PipelineState, path: 
     decision.reason = MERGED
     decision.detail = f"{len(branches)} branches over {source} merged into Conv {kept.name!r}: " + \
         ", ".join(b.describe() for b in branches)
-    for branch in branches:
-        if branch.bn is not None:
-            how = "with its Conv's branch" if branch.conv is not None else "as an identity branch"
-            _record_merged_bn(state, branch.bn, kept, path, f"merged {how} into Conv {kept.name!r} (reparameterize)")
+    merged_bns = [(b.bn, "with its Conv's branch" if b.conv is not None else "as an identity branch")
+                  for b in branches if b.bn is not None]
+    if plan.bn_after is not None:
+        merged_bns.append((plan.bn_after, "after the sum of branches"))
+    for bn, how in merged_bns:
+        _record_merged_bn(state, bn, kept, path, f"merged {how} into Conv {kept.name!r} (reparameterize)")
     return decision
 
 
@@ -243,10 +247,11 @@ class Geometry:
 
 @dataclass
 class MergePlan:
-    keep: onnx.NodeProto
+    keep: onnx.NodeProto  # the Conv that stays (the largest kernel's)
     weight: np.ndarray
     bias: np.ndarray
     pads: list[int]
+    bn_after: onnx.NodeProto | None = None  # the BN after the sum, merged too
 
 
 def _geometry(conv: onnx.NodeProto, weight: np.ndarray) -> Geometry:
@@ -284,16 +289,34 @@ def _plan(node: onnx.NodeProto, branches: list[Branch], index: GraphIndex) -> Me
     identity = _identity(branches, index, first, groups, geometries[0], kernel, begin, end)
     shape = (first.shape[0], first.shape[1]) + kernel
     affines = [_branch_affine(b, index, shape[0]) for b in branches if b.kind == "conv"]
-    diagonal = None if identity is None else (identity[0], identity[2])
-    merged = merge_conv_kernels(shape, weights, offsets, [a[0] for a in affines], diagonal, dtype)
+    after = _bn_after(node, index, shape[0])
+    post_scale, post_shift = (np.ones(shape[0]), np.zeros(shape[0])) if after is None else after[1]
+    diagonal = None if identity is None else (post_scale * identity[0], identity[2])
+    merged = merge_conv_kernels(shape, weights, offsets, [post_scale * a[0] for a in affines], diagonal, dtype)
     bias = np.zeros(shape[0])
     for (_, b, _), (scale, shift) in zip(operands, affines):  # BN(conv + b) = scale * conv + (scale * b + shift)
         bias = bias + (0.0 if b is None else scale * b.astype(np.float64)) + shift
     if identity is not None:
         bias = bias + identity[1]
     keep = convs[int(np.argmax([np.prod(w.shape[2:]) for w in weights]))]
-    return MergePlan(keep, cast_checked(merged, dtype, "weights"), cast_checked(bias, dtype, "biases"),
-                     list(begin) + list(end))
+    return MergePlan(keep, cast_checked(merged, dtype, "weights"),
+                     cast_checked(post_scale * bias + post_shift, dtype, "biases"), list(begin) + list(end),
+                     None if after is None else after[0])
+
+
+def _bn_after(node: onnx.NodeProto, index: GraphIndex, outputs: int):
+    """The BN that alone reads the sum (RepViT's BN(sum of branches)) and its (scale, shift), when it
+    folds (inference mode, not excluded, valid statistics): merged too, so the weights are rounded
+    once. None otherwise (the fold pass then decides it)."""
+    readers = index.value_readers(node.output[0])
+    bn = readers[0] if len(readers) == 1 and not index.is_output(node.output[0]) else None
+    if bn is None or not is_batchnorm(bn) or bn.input[0] != node.output[0] or bn.name in index.excluded \
+            or bn_mode_refusal(bn, index) is not None:
+        return None
+    try:
+        return bn, bn_affine(bn, index, outputs)
+    except Refusal:
+        return None
 
 
 def _check_branch(branch: Branch, index: GraphIndex) -> None:
@@ -366,9 +389,10 @@ def _identity(branches, index, weight, groups, geometry: Geometry, kernel, begin
 # ---------------------------------------------------------------------------------------- rewrite
 def _rewrite(node: onnx.NodeProto, inner: list[onnx.NodeProto], branches: list[Branch], plan: MergePlan,
              index: GraphIndex) -> onnx.NodeProto:
-    """The kept Conv takes the merged weight, bias and pads and writes the sum's output; the other
-    branch nodes, the sum and the sums inside it go."""
-    keep, output = plan.keep, node.output[0]
+    """The kept Conv takes the merged weight, bias and pads and writes the sum's output (or that of the
+    BN after it); the other branch nodes, the sum, the sums inside it and that BN go."""
+    keep = plan.keep
+    output = (plan.bn_after or node).output[0]  # the name the kept Conv writes
     base = keep.name or output
     set_folded_input(index, keep, 1, plan.weight, f"{base}_W_bnfold")
     set_folded_input(index, keep, 2, plan.bias, f"{base}_B_bnfold")
@@ -376,9 +400,9 @@ def _rewrite(node: onnx.NodeProto, inner: list[onnx.NodeProto], branches: list[B
     _set_ints(keep, "pads", plan.pads)
     if any(a.name == "kernel_shape" for a in keep.attribute):
         _set_ints(keep, "kernel_shape", list(plan.weight.shape[2:]))
-    index.remove_node(node)
     removed = {id(keep)}
-    for branch_node in [*inner, *(n for branch in branches for n in branch.nodes)]:
+    ends = [plan.bn_after] if plan.bn_after is not None else []
+    for branch_node in [*ends, node, *inner, *(n for branch in branches for n in branch.nodes)]:
         if id(branch_node) not in removed:
             removed.add(id(branch_node))
             index.redirect_metadata_readers(branch_node.output[0], output)
