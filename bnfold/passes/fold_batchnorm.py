@@ -41,10 +41,16 @@ class FoldBatchNorm(Pass):
             index.excluded = excluded
             # BN id -> decision: those an earlier pass folded (reparameterize), then the rest in graph order
             decided = {k: v for k, v in state.batchnorm_decisions.items() if v[1].graph == path}
-            for node in list(graph.node):
-                if is_batchnorm(node) and not (id(node) in decided and decided[id(node)][1].folded):
+            progress = True
+            while progress:  # a fold can open another: Relu -> BN2d -> Flatten -> BN1d -> Gemm
+                progress = False
+                for node in list(graph.node):
+                    if not is_batchnorm(node) or (id(node) in decided and decided[id(node)][1].folded):
+                        continue
                     # a BN another fold takes along may have been refused on its own: the fold wins
-                    decided.update((id(n), (n, d)) for n, d in fold_one(node, index, excluded, path))
+                    decisions = fold_one(node, index, excluded, path)
+                    decided.update((id(n), (n, d)) for n, d in decisions)
+                    progress = progress or decisions[0][1].folded
                     state.context.release_reads()
             result.decisions.extend(d for _, d in decided.values())
             state.batchnorm_decisions.update(decided)

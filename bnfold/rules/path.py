@@ -210,6 +210,8 @@ def _text(shape: list) -> str:
 
 def flat_form(channels: Channels, shape: list, what: str) -> Channels:
     """`channels` by row-major position (what a reshape keeps)."""
+    if len(channels.labels) == 1:
+        return Channels(channels.labels, None, 1)
     if channels.axis is None:
         return channels
     return Channels(channels.labels, None, _product_after(shape, channels.axis, what))
@@ -220,6 +222,10 @@ def channels_along(channels: Channels, shape: list, axis: int, what: str) -> np.
     refusal when an index carries more than one channel (see the module docstring)."""
     if channels.axis == axis:
         return channels.labels
+    if len(channels.labels) == 1:  # one channel: every element carries it, along any axis
+        if shape[axis] is None:
+            raise Refusal(SHAPE_UNKNOWN, f"{what} has shape {_text(shape)}: the size of axis {axis} is unknown")
+        return np.repeat(channels.labels, shape[axis])
     if channels.axis is not None:
         raise Refusal(CHANNEL_AXIS_MISMATCH, f"the BN's channels lie along axis {channels.axis} of {what}, "
                                              f"not axis {axis}")
@@ -245,6 +251,8 @@ def through_shape_op(node: onnx.NodeProto, channels: Channels, index: GraphIndex
     perm = list(attribute(node, "perm", list(reversed(range(len(shape))))))
     if sorted(perm) != list(range(len(shape))):
         raise Refusal(MALFORMED_NEIGHBOUR, f"{what} perm {perm} is not a permutation of {len(shape)} axes")
+    if channels.axis is None and len(channels.labels) == 1:
+        return channels  # one channel everywhere, whatever the order
     axis, labels = _some_axis(channels, shape, what)
     far_axis = perm[axis] if upstream else perm.index(axis)
     return Channels(labels, far_axis)
@@ -402,7 +410,10 @@ def _step_values(node: onnx.NodeProto, state: Channels, index: GraphIndex, count
     """An affine step's constant per BN channel; for another BN, its (scale, shift) per BN channel."""
     if node.op_type != "BatchNormalization":
         return per_channel(node, data_position(node, index), state, index, count)
-    scale, shift = bn_affine(node, index, None)
+    try:
+        scale, shift = bn_affine(node, index, None)
+    except Refusal as refusal:
+        raise Refusal(refusal.reason, f"BN {node.name!r} on the path: {refusal.detail}") from None
     labels = state.labels if state.axis == 1 else \
         channels_along(state, shape_of(index, node.input[0], f"BN {node.name!r} input"), 1, f"BN {node.name!r} input")
     if len(labels) != len(scale):
