@@ -39,6 +39,10 @@ NON_BRANCH_OPERAND = "non-branch-operand"
 BRANCH_MISMATCH = "branch-mismatch"
 PADDING_MISALIGNED = "padding-misaligned"
 IDENTITY_NOT_ONE_TO_ONE = "identity-not-one-to-one"
+NEGATED_CODE_OUT_OF_RANGE = "negated-code-out-of-range"
+QUANTIZED_SCALE_INVALID = "quantized-scale-invalid"
+QUANTIZATION_OPSET_TOO_OLD = "quantization-opset-too-old"
+ACTIVATION_QUANTIZED = "activation-quantized"
 
 MEANINGS = {
     FOLDED: "folded into its neighbour",
@@ -49,7 +53,8 @@ MEANINGS = {
     NEIGHBOUR_OUTPUT_IS_GRAPH_OUTPUT: "the tensor the fold would change is a graph output",
     WEIGHTS_NOT_CONSTANT: "weights or BN parameters are not compile-time constants",
     WEIGHTS_OVERRIDABLE: "an initializer is also a graph input (IR >= 4): callers may override it",
-    QUANTIZED_WEIGHTS: "weights come from DequantizeLinear",
+    QUANTIZED_WEIGHTS: "quantized weights bnfold does not fold (a BN before the op, block quantization, "
+                       "a quantized bias that is not int32 with zero point 0, a grouped ConvTranspose)",
     TRAINING_MODE: "the BN normalizes with batch statistics",
     BN_EXTRA_OUTPUTS_USED: "the BN's running/saved statistics outputs are read",
     NON_SPATIAL_BN: "spatial=0 with parameters that vary inside a channel",
@@ -78,6 +83,13 @@ MEANINGS = {
     NON_BRANCH_OPERAND: "an Add/Sum of branches has an operand that is not a branch over the same input",
     BRANCH_MISMATCH: "the branches' Convs differ in weight shape, dtype, group, strides or dilations",
     PADDING_MISALIGNED: "a branch's padding puts its kernel off the merged kernel's output grid",
+    NEGATED_CODE_OUT_OF_RANGE: "a BN with a negative scale would negate a weight code or zero point that has "
+                               "no negation in its type (int8 -128; uint8 codes but 0)",
+    QUANTIZED_SCALE_INVALID: "a folded quantization scale would be 0 or not finite",
+    QUANTIZATION_OPSET_TOO_OLD: "a per-tensor weight scale would become per-channel, which DequantizeLinear "
+                                "supports from opset 13",
+    ACTIVATION_QUANTIZED: "a QuantizeLinear/DequantizeLinear pair lies between the BN and its linear op: "
+                          "folding would move the quantization grid",
     IDENTITY_NOT_ONE_TO_ONE: "an identity branch does not map each channel and position onto itself "
                              "(stride, padding, or input and output channel counts)",
 }

@@ -82,13 +82,14 @@ def test_initializer_listed_as_input_folds_in_ir3(rng):
 
 
 def test_quantized_weights(rng):
-    model = conv_bn(rng)
-    weight = model.graph.initializer[0]
-    q = np.clip(np.round(numpy_helper.to_array(weight) / 0.01), -127, 127).astype(np.int8)
-    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(q, "Wq"))
-    model.graph.initializer.extend([numpy_helper.from_array(np.array(0.01, np.float32), "Ws"),
-                                    numpy_helper.from_array(np.array(0, np.int8), "Wz")])
-    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], name="dq"))
+    """BN before a Conv whose weight is DequantizeLinear: scaling input channels has no per-channel
+    quantization scale to go into (a BN after it folds: tests/rules/test_quantized.py)."""
+    q = rng.integers(-127, 128, (6, 4, 1, 1)).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "Wq"), numpy_helper.from_array(np.array(0.01, np.float32), "Ws"),
+             numpy_helper.from_array(np.array(0, np.int8), "Wz"), *bn_initializers(bn_stats(rng, 4), np.float32)]
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], name="dq"), bn_node("x", "h"),
+             helper.make_node("Conv", ["h", "W"], ["y"], name="conv")]
+    model = make_model(nodes, [tensor("x", np.float32, [1, 4, 5, 5])], [tensor("y", np.float32, None)], inits)
     refused(model, "quantized-weights")
 
 

@@ -65,6 +65,7 @@ class Plan:
     bias: np.ndarray | None = None  # for MatMul: the value of the (new or updated) Add
     beyond: tuple[onnx.NodeProto, ...] = ()  # the match's beyond steps that fold too
     merge_bias: bool = False  # BN -> MatMul: `bias` replaces the constant of the MatMul's bias Add
+    quantized: tuple = ()  # (rules.quantized.QuantizedInputs, axis): new DequantizeLinear operands
 
 
 class FoldRule:

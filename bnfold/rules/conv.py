@@ -11,12 +11,16 @@ weights, BN parameters and affine constants are constants.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..graph import GraphIndex
 from ..math import fold_after_conv, fold_after_conv_transpose
-from .base import FoldRule, Match, Plan, cast_checked, conv_operands, weight_dtype, write_plan
+from ..reasons import QUANTIZED_WEIGHTS
+from .base import (FoldRule, Match, Plan, Refusal, attribute, cast_checked, constant, conv_operands, weight_dtype,
+                   write_plan)
 from .path import check_links, fold_path, producer_of, splice
+from .quantized import dequantize_linear_of, dequantized, fold_weight_scale, int32_bias, write_dequantized
 
 
 class ConvThenBN(FoldRule):
@@ -30,6 +34,9 @@ class ConvThenBN(FoldRule):
     def check(self, match: Match, index: GraphIndex) -> Plan:
         conv = match.neighbour
         check_links(match, index, conv.op_type)
+        dq = dequantize_linear_of(index, conv.input[1])
+        if dq is not None:
+            return _quantized_plan(match, index, dequantized(index, dq, f"{conv.op_type} weight"))
         weight, bias, groups = conv_operands(index, conv)
         dtype = weight_dtype(weight, f"{conv.op_type} weight")
         transposed = conv.op_type == "ConvTranspose"
@@ -46,4 +53,35 @@ class ConvThenBN(FoldRule):
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         conv, bn = match.neighbour, match.bn
         write_plan(index, conv, plan, {1: "W", 2: "B"}, conv.name or bn.name)
+        for inputs, axis in plan.quantized:
+            write_dequantized(index, conv, inputs, axis, conv.name or bn.name)
         splice(index, match, plan.beyond)
+
+
+def _quantized_plan(match: Match, index: GraphIndex, weight) -> Plan:
+    """Conv/ConvTranspose with a DequantizeLinear weight (rules/quantized.py): new scales (and codes
+    of flipped channels), the bias mapped: float, or int32 re-quantized (or created when the input
+    comes from a DequantizeLinear, so that runtimes can still fuse the op into an int8 kernel)."""
+    conv = match.neighbour
+    what = f"{conv.op_type} weight"
+    groups = int(attribute(conv, "group", 1))
+    transposed = conv.op_type == "ConvTranspose"
+    if weight.codes.ndim < 3 or (transposed and groups != 1):
+        raise Refusal(QUANTIZED_WEIGHTS, f"{what} of rank {weight.codes.ndim}, group {groups}: its output "
+                                         "channels are not one axis of the codes")
+    axis = 1 if transposed else 0
+    path = fold_path(match, index, conv.output[0], 1, weight.codes.shape[axis], conv.op_type)
+    new_weight = fold_weight_scale(weight, axis, path.scale, index.context.bn_opset, what)
+    bias_dq = dequantize_linear_of(index, conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    if bias_dq is None and len(conv.input) > 2 and conv.input[2]:
+        bias = constant(index, conv.input[2], f"{conv.op_type} bias")
+        dtype = weight_dtype(bias, f"{conv.op_type} bias")
+        arrays = {2: cast_checked(bias.astype(np.float64) * path.scale + path.shift, dtype, "biases")}
+        return Plan(arrays, beyond=path.beyond, quantized=((new_weight, axis),))
+    old = dequantized(index, bias_dq, f"{conv.op_type} bias") if bias_dq is not None else None
+    new_bias = int32_bias(index, conv, old, new_weight.scale, path.scale, path.shift, f"{conv.op_type} bias")
+    if new_bias is None:  # no quantized input scale to quantize a new bias with: a float one
+        dtype = weight_dtype(np.zeros(0, weight.scale.dtype), f"{what} scale")
+        return Plan({2: cast_checked(path.shift, dtype, "biases")}, beyond=path.beyond,
+                    quantized=((new_weight, axis),))
+    return Plan({}, beyond=path.beyond, quantized=((new_weight, axis), (new_bias, 0)))

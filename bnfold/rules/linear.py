@@ -13,6 +13,7 @@ next node only; weights, bias and BN parameters are constants.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ..graph import GraphIndex
@@ -21,6 +22,7 @@ from ..reasons import CHANNEL_AXIS_MISMATCH, RANK_UNSUPPORTED
 from .base import (FoldRule, Match, Plan, Refusal, attribute, cast_checked, constant, known_rank,
                    optional_constant, set_folded_input, weight_dtype, write_plan)
 from .path import SHAPE_OPS, check_links, fold_path, producer_of, splice
+from .quantized import dequantize_linear_of, dequantized, fold_weight_scale, write_dequantized
 
 
 class GemmThenBN(FoldRule):
@@ -34,6 +36,9 @@ class GemmThenBN(FoldRule):
     def check(self, match: Match, index: GraphIndex) -> Plan:
         gemm = match.neighbour
         check_links(match, index, "Gemm")
+        dq = dequantize_linear_of(index, gemm.input[1])
+        if dq is not None:
+            return self._quantized_plan(match, index, dequantized(index, dq, "Gemm B"))
         b_matrix = constant(index, gemm.input[1], "Gemm B")
         c = optional_constant(index, gemm, 2, "Gemm C")
         dtype = weight_dtype(b_matrix, "Gemm B")
@@ -47,9 +52,27 @@ class GemmThenBN(FoldRule):
         return Plan({1: cast_checked(new_b, dtype, "weights"), 2: cast_checked(new_c, dtype, "biases")},
                     attributes={"beta": 1.0}, beyond=path.beyond)
 
+    def _quantized_plan(self, match: Match, index: GraphIndex, weight) -> Plan:
+        """A DequantizeLinear B: new scales along B's output axis; C (float) maps to beta * C * s + t."""
+        gemm = match.neighbour
+        if weight.codes.ndim != 2:
+            raise Refusal(RANK_UNSUPPORTED, f"Gemm B has rank {weight.codes.ndim}")
+        axis = 0 if attribute(gemm, "transB", 0) else 1
+        path = fold_path(match, index, gemm.output[0], 1, weight.codes.shape[axis], "Gemm")
+        new_weight = fold_weight_scale(weight, axis, path.scale, index.context.bn_opset, "Gemm B")
+        c = optional_constant(index, gemm, 2, "Gemm C")
+        dtype = weight_dtype(np.zeros(0, weight.scale.dtype) if c is None else c, "Gemm C")
+        c_term = 0.0 if c is None else float(attribute(gemm, "beta", 1.0)) * c.astype(np.float64)
+        new_c = np.asarray(c_term * path.scale + path.shift)
+        new_c = new_c.reshape(-1) if new_c.ndim == 2 and new_c.shape[0] == 1 else new_c
+        return Plan({2: cast_checked(new_c, dtype, "biases")}, attributes={"beta": 1.0}, beyond=path.beyond,
+                    quantized=((new_weight, axis),))
+
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         gemm, bn = match.neighbour, match.bn
         write_plan(index, gemm, plan, {1: "B", 2: "C"}, gemm.name or bn.name)
+        for inputs, axis in plan.quantized:
+            write_dequantized(index, gemm, inputs, axis, gemm.name or bn.name)
         splice(index, match, plan.beyond)
 
 
@@ -74,9 +97,12 @@ class MatMulThenBN(FoldRule):
     def check(self, match: Match, index: GraphIndex) -> Plan:
         matmul, add = match.neighbour, match.bias_add
         check_links(match, index, "MatMul")
-        weight = constant(index, matmul.input[1], "MatMul right operand")
+        dq = dequantize_linear_of(index, matmul.input[1])
+        quantized = dequantized(index, dq, "MatMul right operand") if dq is not None else None
+        weight = quantized.codes if quantized is not None else constant(index, matmul.input[1], "MatMul right operand")
         bias = constant(index, _bias_operand(add, matmul), "Add bias") if add is not None else None
-        dtype = weight_dtype(weight, "MatMul right operand")
+        dtype = weight_dtype(np.zeros(0, quantized.scale.dtype) if quantized is not None else weight,
+                             "MatMul right operand")
         if weight.ndim != 2:
             raise Refusal(RANK_UNSUPPORTED, f"MatMul right operand has rank {weight.ndim}, not 2")
         if bias is not None:
@@ -87,6 +113,11 @@ class MatMulThenBN(FoldRule):
         near = add.output[0] if add is not None and any(n.op_type in SHAPE_OPS for n in match.chain) \
             else matmul.output[0]
         path = fold_path(match, index, near, None, weight.shape[1], "MatMul")
+        if quantized is not None:
+            new_codes = fold_weight_scale(quantized, 1, path.scale, index.context.bn_opset, "MatMul right operand")
+            new_bias = (0.0 if bias is None else bias.astype(np.float64)) * path.scale + path.shift
+            return Plan({}, bias=cast_checked(np.asarray(new_bias), dtype, "biases"), beyond=path.beyond,
+                        quantized=((new_codes, 1),))
         new_weight, new_bias = fold_after_matmul(weight, bias, path.scale, path.shift, dtype)
         return Plan({1: cast_checked(new_weight, dtype, "weights")}, bias=cast_checked(new_bias, dtype, "biases"),
                     beyond=path.beyond)
@@ -94,6 +125,8 @@ class MatMulThenBN(FoldRule):
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
         matmul, add, bn = match.neighbour, match.bias_add, match.bn
         write_plan(index, matmul, plan, {1: "W"}, matmul.name or bn.name)
+        for inputs, axis in plan.quantized:
+            write_dequantized(index, matmul, inputs, axis, matmul.name or bn.name)
         if add is not None:
             position = list(add.input).index(_bias_operand(add, matmul))
             set_folded_input(index, add, position, plan.bias, f"{add.name or bn.name}_B_bnfold")

@@ -35,7 +35,7 @@ import onnx
 from ..batchnorm import attribute
 from ..constants import NotConstant
 from ..graph import GraphIndex
-from ..reasons import (AFFINE_CONSTANT_INVALID, CHANNEL_AXIS_MISMATCH, DROPOUT_IN_TRAINING_MODE, DROPOUT_MASK_USED,
+from ..reasons import (ACTIVATION_QUANTIZED, AFFINE_CONSTANT_INVALID, CHANNEL_AXIS_MISMATCH, DROPOUT_IN_TRAINING_MODE, DROPOUT_MASK_USED,
                        MALFORMED_NEIGHBOUR, NOT_PER_CHANNEL, RANK_UNKNOWN, SHAPE_UNKNOWN)
 from .base import Match, Refusal, bn_affine, bn_mode_refusal, require_exclusive
 
@@ -43,6 +43,7 @@ TRANSPARENT_OPS = ("Identity", "Dropout")
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 RESHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 SHAPE_OPS = RESHAPE_OPS + ("Transpose",)
+QUANTIZE_OPS = ("QuantizeLinear", "DequantizeLinear")  # walked through only to say why not (check_links)
 
 
 def _default_domain(node: onnx.NodeProto) -> bool:
@@ -57,7 +58,7 @@ def data_position(node: onnx.NodeProto, index: GraphIndex, beyond: bool = False)
         return None
     if node.op_type in TRANSPARENT_OPS:
         return 0
-    if node.op_type in SHAPE_OPS:
+    if node.op_type in SHAPE_OPS + QUANTIZE_OPS:
         return None if beyond else 0
     if node.op_type == "BatchNormalization":
         return 0 if _is_foldable_bn(node, index) else None
@@ -262,13 +263,13 @@ def _some_axis(channels: Channels, shape: list, what: str) -> tuple[int, np.ndar
     """An axis along which each index carries one BN channel (the first such), and its labels."""
     if channels.axis is not None:
         return channels.axis, channels.labels
-    first = None
+    refusals = []  # a tensor of rank 0 holds one element: one channel, never this case
     for axis in range(len(shape)):
         try:
             return axis, channels_along(channels, shape, axis, what)
         except Refusal as refusal:
-            first = first or refusal
-    raise first or Refusal(CHANNEL_AXIS_MISMATCH, f"{what} input has rank 0")
+            refusals.append(refusal)
+    raise refusals[0]
 
 
 # ------------------------------------------------------------------------------ affine constants
@@ -285,18 +286,20 @@ def per_channel(node: onnx.NodeProto, position: int, channels: Channels, index: 
     value = _aligned(node, value, position, len(shape), index)
     varying = [axis for axis, n in enumerate(value.shape) if n != 1]
     if not varying:
-        return np.full(count, value.reshape(-1)[0]) if value.size else np.zeros(count)
+        return np.full(count, value.reshape(-1)[0])
     if len(varying) > 1:
         raise Refusal(NOT_PER_CHANNEL, f"{what} constant of shape {list(value.shape)} varies along axes {varying}")
     axis = varying[0]
     try:
         labels = channels_along(channels, shape, axis, f"{what} input")
     except Refusal as refusal:
+        if refusal.reason != CHANNEL_AXIS_MISMATCH:
+            raise
         raise Refusal(NOT_PER_CHANNEL, f"{what} constant varies along axis {axis}: {refusal.detail}") from None
     if len(labels) != value.shape[axis]:
         raise Refusal(NOT_PER_CHANNEL, f"{what} constant of shape {list(value.shape)} broadcasts axis {axis} "
                                        f"of its input (size {len(labels)})")
-    return _by_channel(value.reshape(-1), labels, count, what)
+    return _by_channel(value.reshape(-1), labels, count, f"{what} constant")
 
 
 def _aligned(node: onnx.NodeProto, value: np.ndarray, position: int, rank: int, index: GraphIndex) -> np.ndarray:
@@ -321,7 +324,7 @@ def _by_channel(values: np.ndarray, labels: np.ndarray, count: int, what: str) -
     out = np.full(count, np.nan)
     out[labels] = values
     if np.isnan(out).any() or (out[labels] != values).any():
-        raise Refusal(NOT_PER_CHANNEL, f"{what} constant takes different values within one BN channel")
+        raise Refusal(NOT_PER_CHANNEL, f"{what} takes different values within one BN channel")
     return out
 
 
@@ -392,6 +395,9 @@ def check_links(match: Match, index: GraphIndex, what: str) -> None:
     """Every transparent step is an identity, and every tensor from the linear op to the BN is read by
     the next node only and is not a graph output (the fold changes or removes it)."""
     for node in match.chain:
+        if node.op_type in QUANTIZE_OPS:
+            raise Refusal(ACTIVATION_QUANTIZED, f"{node.op_type} {node.name!r} lies between the BN and its "
+                                                "linear op: folding would move the quantization grid")
         if node.op_type in TRANSPARENT_OPS:
             refusal = transparency_refusal(node, index)
             if refusal is not None:
