@@ -18,6 +18,7 @@ from .errors import BnfoldError
 from .inputs import BATCHES, OTHER_DIM, parse_shape
 from .runtime import LEVELS
 from .verify import VerifyOptions
+from .verify_quantized import DEFAULT_MAX_FLIPPED, DEFAULT_MAX_STEPS
 
 # library parameter -> flag name (without the leading dashes and any prefix)
 FLAGS = {
@@ -27,6 +28,7 @@ FLAGS = {
     "plot": "plot", "input_shapes": "input-shape", "opset": "opset", "exporter": "exporter",
     "exclude_nodes": "exclude-node", "jobs": "jobs", "assume_inference": "assume-inference",
     "lower_standalone": "lower-standalone", "reparameterize": "no-reparameterize",
+    "quantized": "quantized", "max_steps": "max-steps", "max_flipped": "max-flipped",
 }
 
 
@@ -90,6 +92,16 @@ def add_verify_arguments(parser) -> tuple[argparse.Action, ...]:
                             help="relative tolerance for every output dtype (default: per dtype)"),
         parser.add_argument("--provider", metavar="P",
                             help="onnxruntime execution provider, e.g. cuda (default: CPU)"),
+        parser.add_argument("--quantized", action="store_true", default=None,
+                            help="judge a quantized model layer by layer: feed each QuantizeLinear the "
+                                 "original's codes upstream and compare its input and codes; the final "
+                                 "outputs are shown for information"),
+        parser.add_argument("--max-steps", type=_tolerance, metavar="S",
+                            help="with --quantized: how far a quantizer's input may move, in quantization "
+                                 f"steps (default {DEFAULT_MAX_STEPS:g})"),
+        parser.add_argument("--max-flipped", type=_tolerance, metavar="F",
+                            help="with --quantized: the share of a quantizer's codes that may flip "
+                                 f"(default {DEFAULT_MAX_FLIPPED:g}, one code at least)"),
     )
 
 
@@ -113,7 +125,8 @@ def verify_options_from_args(args) -> VerifyOptions:
     """VerifyOptions from the flags of add_verify_arguments (and --bisect, where the parser has it)."""
     return VerifyOptions(inputs=args.inputs, shapes=_shapes(args.shape), samples=args.samples,
                          seed=args.seed, atol=args.atol, rtol=args.rtol, provider=args.provider,
-                         bisect=getattr(args, "bisect", False))
+                         bisect=getattr(args, "bisect", False), quantized=bool(args.quantized),
+                         max_steps=args.max_steps, max_flipped=args.max_flipped)
 
 
 def _shapes(texts) -> dict[str, tuple[int, ...]]:

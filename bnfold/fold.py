@@ -60,6 +60,8 @@ class VerificationFailed(BnfoldError):
 def _why_rejected(report: FoldReport) -> str:
     """What verification found: different values, or only NaN/Inf, which it never accepts (a model whose
     own outputs are not finite cannot be shown to compute the same)."""
+    if report.verification is not None and report.verification.quantized is not None:
+        return "the folded model differs from the original layer by layer"
     samples = report.verification.samples if report.verification is not None else ()
     failing = [c for sample in samples for c in sample.outputs if not c]
     if failing and all(c.problem is None and not c.mismatched for c in failing):

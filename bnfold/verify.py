@@ -5,7 +5,8 @@ itself at session start, which would compare its fold with ours instead of the o
 get the same inputs (see :mod:`bnfold.inputs`) and every output is compared by name (see
 :mod:`bnfold.compare` for the tolerance rule and its defaults per dtype). Results are objects that are
 true when the models agree. On a mismatch, ``bisect`` names the first shared tensor that diverges (see
-:mod:`bnfold.bisect`); :mod:`bnfold.verify_render` prints a report.
+:mod:`bnfold.bisect`); :mod:`bnfold.verify_render` prints a report. Quantized models are judged layer by
+layer instead, the final outputs shown for information (see :mod:`bnfold.verify_quantized`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .inputs import (InputSpec, Sample, generate_samples, input_specs, load_samp
                      plan_shapes)
 from .io import load_model
 from .runtime import create_session, file_or_proto, resolve_provider
+from .verify_quantized import Limits, QuantizedResult, check_limits, require_quantizers, verify_quantized
 
 __all__ = ["DEFAULT_TOLERANCES", "Tolerance", "VerifyOptions", "SampleResult", "VerifyReport",
            "verify_models", "verify_against_reference"]
@@ -42,6 +44,16 @@ class VerifyOptions:
     rtol: float | None = None
     provider: str | None = None  # default CPUExecutionProvider
     bisect: bool = False
+    quantized: bool = False  # judge quantizers layer by layer (bnfold.verify_quantized)
+    max_steps: float | None = None  # with `quantized`: default DEFAULT_MAX_STEPS
+    max_flipped: float | None = None  # with `quantized`: default DEFAULT_MAX_FLIPPED
+
+    def __post_init__(self):
+        self.limits()
+
+    def limits(self) -> Limits:
+        """The limits of the layer-by-layer check; raises for limits given without it."""
+        return check_limits(self.quantized, self.max_steps, self.max_flipped, self.bisect)
 
     def tolerance(self, dtype: str) -> Tolerance:
         """The tolerance for outputs of `dtype`: the dtype's default, with `atol`/`rtol` applied."""
@@ -50,7 +62,7 @@ class VerifyOptions:
     def given(self, *names: str) -> list[str]:
         """Which of the options `names` are set (to say which ones do not apply)."""
         values = {"inputs": self.inputs, "shapes": self.shapes or None, "samples": self.samples,
-                  "seed": self.seed, "bisect": self.bisect or None}
+                  "seed": self.seed, "bisect": self.bisect or None, "quantized": self.quantized or None}
         return [name for name in names if values[name] is not None]
 
 
@@ -87,10 +99,11 @@ class VerifyReport:
     notes: tuple[str, ...] = ()
     bisect: BisectResult | None = None
     against_saved_outputs: bool = False
+    quantized: QuantizedResult | None = None  # when set, the verdict; the outputs are for information
 
     @property
     def passed(self) -> bool:
-        return all(self.samples)
+        return self.quantized.passed if self.quantized is not None else all(self.samples)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -100,7 +113,8 @@ class VerifyReport:
                 "against_saved_outputs": self.against_saved_outputs, "provider": self.provider,
                 "graph_optimizations": "disabled", "notes": list(self.notes),
                 "samples": [s.to_dict() for s in self.samples],
-                "bisect": self.bisect.to_dict() if self.bisect else None}
+                "bisect": self.bisect.to_dict() if self.bisect else None,
+                "quantized": self.quantized.to_dict() if self.quantized is not None else None}
 
 
 # --------------------------------------------------------------------------------------------- verify
@@ -115,6 +129,8 @@ def verify_models(reference: str | Path | onnx.ModelProto, candidate: str | Path
     cand_label = candidate_label or cand_label
     if not ref_model.graph.output:  # every comparison would pass: nothing would be checked
         raise BnfoldError(f"{ref_label}: the model declares no outputs, so there is nothing to compare")
+    if options.quantized:
+        require_quantizers(ref_model, ref_label)
     specs = merge_specs(input_specs(ref_model), input_specs(cand_model))
     samples, notes = _samples(specs, options)
     provider = resolve_provider(options.provider)
@@ -132,7 +148,11 @@ def verify_models(reference: str | Path | onnx.ModelProto, candidate: str | Path
     if options.bisect and failing is not None:
         bisect = bisect_models(ref_model, cand_model, failing, provider, options.tolerance,
                                labels=(ref_label, cand_label))
-    return VerifyReport(ref_label, cand_label, provider, results, tuple(notes), bisect)
+    quantized = None
+    if options.quantized:
+        quantized = verify_quantized(ref_model, cand_model, samples, provider, options.tolerance,
+                                     options.limits(), labels=(ref_label, cand_label))
+    return VerifyReport(ref_label, cand_label, provider, results, tuple(notes), bisect, quantized=quantized)
 
 
 def verify_against_reference(saved: str | Path, model: str | Path | onnx.ModelProto,
@@ -143,7 +163,7 @@ def verify_against_reference(saved: str | Path, model: str | Path | onnx.ModelPr
     the tolerance of the model's output dtype.
     """
     options = options or VerifyOptions()
-    given = options.given("inputs", "shapes", "samples", "seed", "bisect")
+    given = options.given("inputs", "shapes", "samples", "seed", "bisect", "quantized")
     if given:
         raise BnfoldError("does not apply when comparing with saved outputs: the saved file gives the "
                           "inputs", option=given[0])

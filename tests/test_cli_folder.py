@@ -233,15 +233,16 @@ def test_exclude_node_needs_one_input_that_has_it(tmp_path, rng, capsys):
 
 def _fold_flag_groups():
     namespace = build_parser().parse_args(["fold", "m.onnx"])
-    return [(parent, action.option_strings[0]) for parent, actions in
+    return [(parent, action.option_strings[0], action.nargs != 0) for parent, actions in
             (("--verify", namespace.verify_flags), ("--bench", namespace.bench_flags)) for action in actions]
 
 
-@pytest.mark.parametrize("parent, flag", _fold_flag_groups())
-def test_a_flag_without_the_flag_it_needs_is_an_error(model_file, tmp_path, capsys, parent, flag):
+@pytest.mark.parametrize("parent, flag, takes_value", _fold_flag_groups())
+def test_a_flag_without_the_flag_it_needs_is_an_error(model_file, tmp_path, capsys, parent, flag, takes_value):
     """Every verify flag needs --verify and every bench flag --bench (the lists come from the parser,
     so a new flag is covered); nothing is read or written."""
-    assert main(["fold", str(model_file), "-o", str(tmp_path / "o.onnx"), flag, "1"]) == 2
+    value = ["1"] if takes_value else []
+    assert main(["fold", str(model_file), "-o", str(tmp_path / "o.onnx"), flag, *value]) == 2
     assert capsys.readouterr().err == (f"bnfold: error: {flag} applies only with {parent} Note: add {parent}, "
                                        f"or drop {flag}\n")
     assert not (tmp_path / "o.onnx").exists()
