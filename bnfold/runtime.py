@@ -111,7 +111,10 @@ class Session:
         except Exception as exc:  # onnxruntime raises several unrelated types for run failures
             raise BnfoldError(f"{self.label}: onnxruntime failed on {inputs_label} ({first_line(exc)})",
                               note=note) from exc
-        return {name: to_numpy(value, name, self.label) for name, value in zip(names, values)}
+        inputs = {i.name for i in self.session.get_inputs()}
+        # an output that is also an input is a view of the feed's memory, which the caller may free
+        return {name: np.array(to_numpy(value, name, self.label), copy=True) if name in inputs
+                else to_numpy(value, name, self.label) for name, value in zip(names, values)}
 
 
 def file_or_proto(given: ModelSource, loaded: onnx.ModelProto) -> onnx.ModelProto | str:

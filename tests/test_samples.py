@@ -24,7 +24,7 @@ BN_COUNT = {"resnet_small": 20, "resnet50_small": 53, "mobilenetv2_small": 19, "
             "preact_block": 3, "shared_conv": 2, "levit_block": 7, "iresnet_head": 11, "tf_conv_bias": 6,
             "channels_last_mlp": 3, "repvgg_small": 20, "mobileone_small": 27, "repghost_small": 23,
             "acnet_small": 12, "repvit_block": 6, "repvgg_small_deploy": 0, "mobileone_small_deploy": 0,
-            "repghost_small_deploy": 0, "acnet_small_deploy": 0, "repvit_block_deploy": 0}
+            "repghost_small_deploy": 0, "acnet_small_deploy": 0, "repvit_block_deploy": 0, "resnet_qat": 20}
 
 # What an exact fold must leave, by reason. DenseNet: the BN after each Concat, after the transition's
 # AvgPool and the final one have no linear neighbour (ReLU follows them). preact_block: the BN before
