@@ -97,7 +97,7 @@ def fold_one(bn: onnx.NodeProto, index: GraphIndex, excluded: frozenset[str],
         _describe(decision, rule, match)
         steps = removed_steps(match, plan.beyond)
         rule.rewrite(match, plan, index)
-        decision.reason, decision.detail = FOLDED, rule.summary + _through(steps)
+        decision.reason, decision.detail = FOLDED, rule.summary + plan.note + _through(steps)
         return [(bn, decision)] + [(n, _folded_along(n, bn, decision, path)) for n in steps if is_batchnorm(n)]
     if first_refusal is not None:
         rule, match, refusal = first_refusal

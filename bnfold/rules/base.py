@@ -66,6 +66,7 @@ class Plan:
     beyond: tuple[onnx.NodeProto, ...] = ()  # the match's beyond steps that fold too
     merge_bias: bool = False  # BN -> MatMul: `bias` replaces the constant of the MatMul's bias Add
     quantized: tuple = ()  # (rules.quantized.QuantizedInputs, axis): new DequantizeLinear operands
+    note: str = ""  # what the decision's detail adds to the rule's summary
 
 
 class FoldRule:

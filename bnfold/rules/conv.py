@@ -20,7 +20,8 @@ from ..reasons import QUANTIZED_WEIGHTS
 from .base import (FoldRule, Match, Plan, Refusal, attribute, cast_checked, constant, conv_operands, weight_dtype,
                    write_plan)
 from .path import check_links, fold_path, producer_of, splice
-from .quantized import dequantize_linear_of, dequantized, fold_weight_scale, int32_bias, write_dequantized
+from .quantized import (dequantize_linear_of, dequantized, describe, fold_weight_scale, int32_bias,
+                        write_dequantized)
 
 
 class ConvThenBN(FoldRule):
@@ -77,11 +78,12 @@ def _quantized_plan(match: Match, index: GraphIndex, weight) -> Plan:
         bias = constant(index, conv.input[2], f"{conv.op_type} bias")
         dtype = weight_dtype(bias, f"{conv.op_type} bias")
         arrays = {2: cast_checked(bias.astype(np.float64) * path.scale + path.shift, dtype, "biases")}
-        return Plan(arrays, beyond=path.beyond, quantized=((new_weight, axis),))
+        return Plan(arrays, beyond=path.beyond, quantized=((new_weight, axis),), note=describe([new_weight]))
     old = dequantized(index, bias_dq, f"{conv.op_type} bias") if bias_dq is not None else None
     new_bias = int32_bias(index, conv, old, new_weight.scale, path.scale, path.shift, f"{conv.op_type} bias")
     if new_bias is None:  # no quantized input scale to quantize a new bias with: a float one
         dtype = weight_dtype(np.zeros(0, weight.scale.dtype), f"{what} scale")
         return Plan({2: cast_checked(path.shift, dtype, "biases")}, beyond=path.beyond,
-                    quantized=((new_weight, axis),))
-    return Plan({}, beyond=path.beyond, quantized=((new_weight, axis), (new_bias, 0)))
+                    quantized=((new_weight, axis),), note=describe([new_weight]))
+    return Plan({}, beyond=path.beyond, quantized=((new_weight, axis), (new_bias, 0)),
+                note=describe([new_weight, new_bias]))

@@ -154,6 +154,20 @@ def int32_bias(index: GraphIndex, node: onnx.NodeProto, bias: Dequantized | None
     return QuantizedInputs(2, bias, codes.astype(np.int32), new_scale, zero)
 
 
+def describe(plan_inputs: list) -> str:
+    """What a quantized fold did, for the decision's detail: flipped channels, the int32 bias step."""
+    words = []
+    for new in plan_inputs:
+        if new.position == 1 and new.codes is not None:
+            flipped = int((new.codes != new.source.codes).reshape(new.codes.shape[0], -1).any(axis=1).sum())
+            words.append(f"codes negated where the BN's scale is negative ({flipped} row(s) changed)")
+        if new.position == 2:
+            words.append(f"int32 bias {'re-quantized' if new.source is not None else 'created'} at the new "
+                         f"scale x_scale * w_scale': at most half a bias step (<= {float(new.scale.max()) / 2:.3g}) "
+                         "off per channel")
+    return "".join(f"; {w}" for w in words)
+
+
 def _input_scale(index: GraphIndex, node: onnx.NodeProto) -> float | None:
     """The per-tensor scale of the DequantizeLinear feeding `node`'s data input, if constant."""
     source = dequantize_linear_of(index, node.input[0])

@@ -111,6 +111,7 @@ def test_a_negative_bn_scale_negates_that_channels_codes(rng):
     np.testing.assert_array_equal(codes[negative], -original[negative])
     np.testing.assert_array_equal(codes[~negative], original[~negative])
     assert (scale > 0).all()
+    assert "(2 row(s) changed)" in fold_model(model)[1].decisions[0].detail
 
 
 def test_a_code_without_negation_is_refused_never_clamped(rng):
@@ -155,6 +156,8 @@ def test_int32_bias_is_requantized_at_the_new_scale_within_half_a_step(rng):
     target = s * old + stats["B"] - stats["mean"] * s
     assert (np.abs(codes * scale - target) <= 0.5 * scale * (1 + 1e-9)).all()
     assert op_types(folded).count("DequantizeLinear") == op_types(model).count("DequantizeLinear")
+    assert "int32 bias re-quantized at the new scale" in report.decisions[0].detail
+    assert "at most half a bias step" in report.decisions[0].detail
 
 
 def test_a_shared_weight_quantizer_is_copied_not_changed(rng):
