@@ -67,10 +67,10 @@ def _export_and_check(tmp_path, name: str, exporter: str, opset: int) -> None:
         result = export_model(name, out, exporter=exporter, opset=opset, randomize_bn=True,
                               reference=out.with_suffix(".npz"))
     except BnfoldError as exc:
-        if exporter == "dynamo" and opset < 18 and "cannot write opset" in exc.message:
-            assert not out.exists()
-            pytest.skip(f"the dynamo exporter's version converter cannot bring this model below opset 18: "
-                        f"{exc.message}")
+        if exporter == "dynamo" and opset != 18 and "cannot write opset" in exc.message:
+            assert not out.exists()  # bnfold export refuses what the converter could not do, and writes nothing
+            pytest.skip(f"the dynamo exporter's version converter cannot bring this model from opset 18 to "
+                        f"{opset} (GELU, for one, above 18): {exc.message}")
         raise
     model = onnx.load(str(out))
     assert count_batchnorm_nodes(model) == result.bn_nodes == _bn_modules(name)
