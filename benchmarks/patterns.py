@@ -238,14 +238,8 @@ def bnfold_model() -> Fold:
 
 def onnxruntime_all() -> Fold:
     """onnxruntime's optimizer at ORT_ENABLE_ALL, what a session runs by default, saved offline."""
-    import onnxruntime as ort
-
-    def fold(src: str, dst: str) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = dst
-        ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
-    return fold
+    from tools import onnxruntime
+    return onnxruntime("all")
 
 
 def columns() -> dict[str, Callable[[], Fold]]:

@@ -86,13 +86,15 @@ def onnxscript() -> Fold:
     return fold
 
 
-def onnxruntime() -> Fold:
-    """onnxruntime's C++ optimizer at the basic level (which fuses Conv+BN), saved offline."""
+def onnxruntime(level: str = "basic") -> Fold:
+    """onnxruntime's C++ optimizer at `level` (basic fuses Conv+BN; all is what a session runs by
+    default), saved offline."""
     import onnxruntime as ort
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
     def fold(src: str, dst: str) -> None:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = levels[level]
         options.optimized_model_filepath = dst
         ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
     return fold

@@ -39,6 +39,7 @@ from ..reasons import (EXCLUDED_BY_USER, FOLDED, IDENTITY_NOT_ONE_TO_ONE, MERGED
                        BRANCH_MISMATCH, ZERO_ADD_REMOVED)
 from ..rules.base import (Refusal, bn_affine, bn_mode_refusal, cast_checked, conv_operands, require_exclusive,
                           set_folded_input, weight_dtype)
+from ..rules.path import is_constant
 from .base import Decision, Pass, PassResult, PipelineState
 from .fold_batchnorm import is_batchnorm
 
@@ -81,18 +82,10 @@ def _remove_zero_add(node: onnx.NodeProto, index: GraphIndex, path: str) -> Deci
         except NotConstant:
             continue
         if value.size and not value.any() and _broadcasts_within(value, index, data) \
-                and not _is_constant(index, data) and _bypass(node, data, index):
+                and not is_constant(index, data) and _bypass(node, data, index):
             return Decision(node=node.name, reason=ZERO_ADD_REMOVED, op_type="Add", graph=path,
                             detail=f"adds an all-zero constant {zero} of shape {list(value.shape)}")
     return None
-
-
-def _is_constant(index: GraphIndex, name: str) -> bool:
-    try:
-        index.constants.value(name)
-    except NotConstant:
-        return False
-    return True
 
 
 def _broadcasts_within(value: np.ndarray, index: GraphIndex, data: str) -> bool:

@@ -63,7 +63,7 @@ def data_position(node: onnx.NodeProto, index: GraphIndex, beyond: bool = False)
     if node.op_type == "BatchNormalization":
         return 0 if _is_foldable_bn(node, index) else None
     if node.op_type in AFFINE_OPS and len(node.input) == 2 and node.input[0] != node.input[1]:
-        constant_at = [i for i, name in enumerate(node.input) if _is_constant(index, name)]
+        constant_at = [i for i, name in enumerate(node.input) if is_constant(index, name)]
         if len(constant_at) == 1 and not (node.op_type == "Div" and constant_at[0] == 0):
             return 1 - constant_at[0]
     return None
@@ -73,7 +73,8 @@ def _is_foldable_bn(node: onnx.NodeProto, index: GraphIndex) -> bool:
     return node.name not in index.excluded and bn_mode_refusal(node, index) is None
 
 
-def _is_constant(index: GraphIndex, name: str) -> bool:
+def is_constant(index: GraphIndex, name: str) -> bool:
+    """True if tensor `name` is a compile-time constant (bnfold.constants)."""
     try:
         index.constants.value(name)
     except NotConstant:
