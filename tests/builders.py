@@ -168,10 +168,11 @@ def oracles_for(model: onnx.ModelProto) -> list:
     # onnx's reference evaluator fails on ConvTranspose with group > 1 (a reshape error); it runs opset
     # 7-8 BatchNormalization with its opset-6 class, which returns a tuple and raises; and its opset 9-13
     # class normalizes with batch statistics whenever momentum is set, which the schema default does.
-    # Before onnx 1.23 its Conv computes negative pads for some auto_pad SAME cases (np.pad raises).
+    # Before onnx 1.23 its Conv computes negative pads for some auto_pad SAME cases (np.pad raises) and
+    # pads a VALID Conv as if it were SAME (a 3x3 keeps a 6x6 input 6x6).
     has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
-    same_conv = any(n.op_type == "Conv" and any(a.name == "auto_pad" and a.s.startswith(b"SAME") for a in n.attribute)
-                    for n in model.graph.node)
+    same_conv = any(n.op_type == "Conv" and any(a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER", b"VALID")
+                                                for a in n.attribute) for n in model.graph.node)
     old_same_conv = same_conv and not at_least(onnx, "1.23")
     if not grouped_transpose and not (has_bn and 7 <= opset <= 13) and not old_same_conv:
         oracles.append(("reference", run_reference))
