@@ -31,8 +31,6 @@ def print_report(report: VerifyReport, file=None) -> None:
 
 
 def _print(console, report: VerifyReport) -> None:
-    from rich.table import Table
-
     verdict = "[green]PASS[/green]" if report else "[bold red]FAIL[/bold red]"
     what = "saved outputs" if report.against_saved_outputs else "reference"
     labels = [s.label for s in report.samples]

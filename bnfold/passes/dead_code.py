@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import onnx
-
 from ..graph import node_inputs, walk_graphs
 from ..reasons import REMOVED
 from .base import Decision, Pass, PassResult, PipelineState
