@@ -6,7 +6,6 @@ session and a fake clock, and the real onnxruntime path only for structure and e
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from bnfold.bench import BenchOptions, bench_models, bootstrap_speedup_ci
 from bnfold.cli import main
 from bnfold.cli_options import add_bench_arguments, bench_options_from_args
 from bnfold.errors import BnfoldError
+from tests.builders import load_benchmark
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -373,15 +373,6 @@ def test_run_bench_renders_json_to_the_given_file(pair, tmp_path):
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _load_benchmark_module(name: str):
-    """benchmarks/ is a folder of scripts, not a package: load one by path under a private name."""
-    spec = importlib.util.spec_from_file_location(f"_benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def _save_with_reference(model: onnx.ModelProto, folder: Path, name: str) -> None:
     """The model and a reference .npz (its own outputs in float64: enough to exercise the harness)."""
     import onnxruntime as ort
@@ -393,7 +384,7 @@ def _save_with_reference(model: onnx.ModelProto, folder: Path, name: str) -> Non
 
 
 def test_harness_counts_ops_and_flags_a_changed_function(tmp_path):
-    measure = _load_benchmark_module("measure")
+    measure = load_benchmark("measure")
     _save_with_reference(conv_model(bn=True), tmp_path, "orig")
     wrong = conv_model(bn=True)
     wrong.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.full(4, 3.0, np.float32), "s"))
@@ -411,7 +402,7 @@ def test_harness_counts_ops_and_flags_a_changed_function(tmp_path):
 def test_harness_float64_evaluation_extends_the_reference(tmp_path):
     """Seeded inputs are added when the double-precision evaluation reproduces the stored output."""
     from onnx.reference import ReferenceEvaluator
-    measure = _load_benchmark_module("measure")
+    measure = load_benchmark("measure")
     model = conv_model(bn=True, dims=(1, 3, 8, 8))
     onnx.save(model, tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)

@@ -3,8 +3,6 @@ call a result what it is. No tool runs here (the benchmark itself runs them)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,20 +10,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "patterns.py"
-
-
-def _load():
-    """benchmarks/ is a folder of scripts, not a package: load the file by path under a private name."""
-    spec = importlib.util.spec_from_file_location("_benchmarks_patterns", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.builders import load_benchmark
 
 
-patterns = _load()
+
+patterns = load_benchmark("patterns")
 BY_KEY = {p.key: p for p in patterns.PATTERNS}
 
 

@@ -4,8 +4,6 @@ benchmark itself times)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,21 +14,13 @@ import pytest
 from onnx import numpy_helper
 
 from bnfold import fold_file
+from tests.builders import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SAMPLES = BENCHMARKS.parent / "sample_models"
 
 
-def _load():
-    """benchmarks/ is a folder of scripts, not a package: load the file by path under a private name."""
-    spec = importlib.util.spec_from_file_location("_benchmarks_reparam", BENCHMARKS / "reparam.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-reparam = _load()
+reparam = load_benchmark("reparam")
 BY_NAME = {arch.name: arch for arch in reparam.ARCHS}
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from ..batchnorm import attribute
+from ..constants import NotConstant
 from ..graph import GraphIndex
 from ..reasons import (CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED, NEGATED_CODE_OUT_OF_RANGE,
                        QUANTIZATION_OPSET_TOO_OLD, QUANTIZED_SCALE_INVALID, QUANTIZED_WEIGHTS)
@@ -175,7 +176,7 @@ def _input_scale(index: GraphIndex, node: onnx.NodeProto) -> float | None:
         return None
     try:
         scale = index.constants.value(source.input[1])
-    except Exception:
+    except NotConstant:
         return None
     return float(scale.reshape(-1)[0]) if scale.size == 1 else None
 
