@@ -231,8 +231,8 @@ def set_folded_input(index: GraphIndex, node: onnx.NodeProto, position: int, val
         index.set_input(node, position, index.add_initializer(values, name))
 
 
-def set_attribute(node: onnx.NodeProto, name: str, value: float) -> None:
-    """Set (or add) a float attribute of `node`."""
+def set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    """Set (or add) attribute `name` of `node` (its type from `value`: a float, an int, ...)."""
     for attr in node.attribute:
         if attr.name == name:
             attr.CopyFrom(onnx.helper.make_attribute(name, value))

@@ -29,7 +29,7 @@ from ..constants import NotConstant
 from ..graph import GraphIndex
 from ..reasons import (CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED, NEGATED_CODE_OUT_OF_RANGE,
                        QUANTIZATION_OPSET_TOO_OLD, QUANTIZED_SCALE_INVALID, QUANTIZED_WEIGHTS)
-from .base import Refusal, constant, set_folded_input
+from .base import Refusal, constant, set_attribute, set_folded_input
 
 _CODE_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
 
@@ -208,11 +208,4 @@ def write_dequantized(index: GraphIndex, node: onnx.NodeProto, new: QuantizedInp
     if new.zero_point is not None:
         set_folded_input(index, dq, 2, new.zero_point, f"{base}_zero_point_bnfold")
     if new.scale.ndim == 1:
-        _set_axis(dq, axis)
-
-
-def _set_axis(node: onnx.NodeProto, axis: int) -> None:
-    for i in reversed(range(len(node.attribute))):
-        if node.attribute[i].name == "axis":
-            del node.attribute[i]
-    node.attribute.append(onnx.helper.make_attribute("axis", axis))
+        set_attribute(dq, "axis", axis)
