@@ -433,8 +433,8 @@ def test_a_source_that_ends_early_is_a_write_error(tmp_path, model):
 
 def test_large_model_benchmark_smoke_run(tmp_path, monkeypatch):
     """benchmarks/large_model.py end to end on small layers: it generates, measures and writes its table."""
-    from tests.test_bench import _load_benchmark_module
-    large_model = _load_benchmark_module("large_model")
+    from tests.builders import load_benchmark
+    large_model = load_benchmark("large_model")
     monkeypatch.setattr(large_model, "CHANNELS", 32)
     out = tmp_path / "LARGE.md"
     assert large_model.main(["--size-gb", "0.0005", "--rounds", "1", "--work", str(tmp_path),
