@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from .changes import CREATED, NODE_ADDED, NODE_REMOVED, REWRITTEN, ChangeLog
 from .constants import ConstantEvaluator, reads_type_only
 from .dtypes import onnx_type, to_array
 from .mapped import MappedFile, is_stub, weightless
@@ -98,6 +99,7 @@ class ModelContext:
         self.ir_version = model.ir_version
         self._names: set[str] | None = None
         self._inferred: dict[str, TensorType] | None = None
+        self.changes = ChangeLog()  # every GraphIndex edit of this model, for the decisions' reports
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
         """An initializer's values; stubs of a mapped file are read as zero-copy views."""
@@ -268,11 +270,13 @@ class GraphIndex:
     def remove_node(self, node: onnx.NodeProto) -> None:
         self._unlink(node)
         del self.graph.node[self.position(node)]
+        self.context.changes.record(NODE_REMOVED, node.name, node.op_type)
 
     def insert_node(self, position: int, node: onnx.NodeProto) -> onnx.NodeProto:
         """Insert a copy of `node` (protobuf copies on insert) and return the copy in the graph."""
         self.graph.node.insert(position, node)
         self._link(self.graph.node[position])
+        self.context.changes.record(NODE_ADDED, node.name, node.op_type)
         return self.graph.node[position]
 
     def add_initializer(self, values: np.ndarray, base: str) -> str:
@@ -284,12 +288,15 @@ class GraphIndex:
         if self.context.ir_version < 4 and self.parent is None:
             self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
             self.inputs.add(name)
+        self.context.changes.record(CREATED, name)
         return name
 
     def replace_initializer(self, name: str, values: np.ndarray) -> None:
-        """Overwrite an initializer that only the folded node uses (caller checks exclusivity)."""
+        """Overwrite an initializer that only the folded node uses (caller checks exclusivity); it
+        keeps its name, so it still maps to the weight it came from."""
         self._fill(self.initializers[name], values, name)
         self.constants.forget(name)
+        self.context.changes.record(REWRITTEN, name)
 
     def _fill(self, tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None:
         """fill_tensor, but a main-graph weight of a mapped model past its memory budget goes to its
@@ -322,10 +329,17 @@ class GraphIndex:
             return self.parent.is_overridable(name)
         return False
 
-    def owns_initializer(self, name: str, node: onnx.NodeProto) -> bool:
-        """True if `name` is an initializer of this graph that only `node` reads (safe to overwrite)."""
-        return (name in self.initializers and name not in self.inputs and name not in self.outputs
-                and self.only_consumer_is(name, node))
+    def owns_initializer(self, name: str, node: onnx.NodeProto, values: np.ndarray) -> bool:
+        """True if `name` is an initializer of this graph that `node` alone reads, so that overwriting
+        it with `values` changes nothing else: other readers may read only its dtype and shape (the
+        `Shape -> Expand -> CastLike` zero bias torch's dynamo exporter writes reads the weight so),
+        and only when `values` keeps both."""
+        if name not in self.initializers or name in self.inputs or name in self.outputs:
+            return False
+        tensor = self.initializers[name]
+        same_type = tuple(tensor.dims) == values.shape and tensor.data_type == onnx_type(values.dtype)
+        readers = self.value_readers(name) if same_type else self.users(name)
+        return len(readers) == 1 and readers[0] is node
 
 
 def fill_tensor(tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None:

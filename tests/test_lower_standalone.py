@@ -65,9 +65,9 @@ def test_bn_after_relu_becomes_mul_then_add(rng):
     mul, add = lowered.graph.node[2:]
     assert (mul.name, add.name) == ("bn_mul", "bn_add") and list(add.output) == ["y"]
     constants = {t.name: numpy_helper.to_array(t) for t in lowered.graph.initializer}
-    assert mul.input[1] == "bn_scale_bnfold" and add.input[1] == "bn_shift_bnfold"
-    assert constants["bn_scale_bnfold"].shape == (6, 1, 1) and constants["bn_shift_bnfold"].dtype == np.float32
-    assert set(constants) == {"W", "bn_scale_bnfold", "bn_shift_bnfold"}  # the BN's parameters are gone
+    assert mul.input[1] == "bn_scale_bnfold" and add.input[1] == "bn_B_bnfold"
+    assert constants["bn_scale_bnfold"].shape == (6, 1, 1) and constants["bn_B_bnfold"].dtype == np.float32
+    assert set(constants) == {"W", "bn_scale_bnfold", "bn_B_bnfold"}  # the BN's parameters are gone
     onnx.checker.check_model(lowered, full_check=True)
     assert_computes(model, lowered)
 
@@ -79,7 +79,7 @@ def test_constants_are_computed_in_float64_and_rounded_once(rng):
     gamma, beta, mean, var = (stats[k].astype(np.float32).astype(np.float64) for k in ("scale", "B", "mean", "var"))
     scale = gamma / np.sqrt(var + np.float64(np.float32(1e-5)))
     assert np.array_equal(constants["bn_scale_bnfold"].ravel(), scale.astype(np.float32))
-    assert np.array_equal(constants["bn_shift_bnfold"].ravel(), (beta - mean * scale).astype(np.float32))
+    assert np.array_equal(constants["bn_B_bnfold"].ravel(), (beta - mean * scale).astype(np.float32))
 
 
 def test_keep_is_the_default_and_changes_nothing(rng):

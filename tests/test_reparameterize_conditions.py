@@ -120,7 +120,7 @@ def test_a_kept_conv_without_bias_gets_one_named_after_it(rng):
     b.add(b.conv("c3", (3, 3), pads=[1, 1, 1, 1], bias=False), b.conv("c1", (1, 1), bias=False), "y")
     folded, _ = assert_merged_into_one_conv(b.model("y"))
     conv = next(n for n in folded.graph.node if n.op_type == "Conv")
-    assert conv.input[2] == "c3_B_bnfold"
+    assert conv.input[2] == "c3_W_bias"
 
 
 # ----------------------------------------------------------------------------------- BN after sum

@@ -11,9 +11,11 @@ files and never raise for a node they cannot handle: they leave it with a reason
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import onnx
 
+from ..changes import Changes
 from ..graph import ModelContext
 
 
@@ -28,7 +30,23 @@ class FoldOptions:
 
 @dataclass
 class Decision:
-    """What a pass decided for one node: `reason` is a stable code (bnfold.reasons), `detail` words."""
+    """What a pass decided for one node: `reason` is a stable code (bnfold.reasons), `detail` words.
+
+    Attributes:
+        node: The node's name.
+        reason: A stable reason code (bnfold.reasons): ``"folded"``, or why the node was left (the
+            README's "What it leaves, and why").
+        detail: The decision in words, e.g. which condition failed; may be empty.
+        rule: The rule or pass that decided (``"conv-bn"``, ``"gemm-bn"``, ``"matmul-bn"``,
+            ``"bn-conv"``, ``"reparameterize"``, ...), or None.
+        neighbour: The name of the node the BN folded into (or would have), or None.
+        neighbour_op: That node's op type, or None.
+        graph: The path of the subgraph holding the node; ``""`` for the main graph.
+        op_type: The decided node's op type (default ``"BatchNormalization"``).
+        changes: What carrying the decision out changed, by name: initializers rewritten or
+            created, nodes removed or added.
+        folded: (property) True when `reason` is ``"folded"``.
+    """
     node: str
     reason: str
     detail: str = ""
@@ -37,6 +55,7 @@ class Decision:
     neighbour_op: str | None = None
     graph: str = ""  # path of the subgraph holding the node; "" for the main graph
     op_type: str = "BatchNormalization"  # the decided node's op type
+    changes: Changes = field(default_factory=Changes)  # what carrying it out changed, by name
 
     @property
     def folded(self) -> bool:
@@ -64,6 +83,15 @@ class PipelineState:
     released: set[str] = field(default_factory=set)  # names some node stopped reading or producing
     # id(BN node) -> (node, the fold pass's decision): a later pass that folds the BN updates it
     batchnorm_decisions: dict[int, tuple[onnx.NodeProto, Decision]] = field(default_factory=dict)
+
+
+def recorded(state: PipelineState, decide: Callable[[], Decision | None]) -> Decision | None:
+    """`decide()`'s decision (None: nothing to decide), holding the edits it made to the model."""
+    with state.context.changes.capture() as changes:
+        decision = decide()
+    if decision is not None:
+        decision.changes = changes
+    return decision
 
 
 class Pass:

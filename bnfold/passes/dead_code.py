@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ..changes import Changes
 from ..graph import node_inputs, walk_graphs
 from ..reasons import REMOVED
 from .base import Decision, Pass, PassResult, PipelineState
@@ -32,7 +33,7 @@ class RemoveDeadCode(Pass):
         for path, name, op_type in removed_nodes:
             result.decisions.append(Decision(node=name, reason=REMOVED, op_type=op_type,
                                              detail=f"{op_type} only fed what other passes disconnected",
-                                             graph=path))
+                                             graph=path, changes=Changes(nodes_removed=[{"name": name, "op_type": op_type}])))
         removed_initializers = 0
         for path, graph in walked:
             removed = {t.name for t in graph.initializer if t.name in dead}

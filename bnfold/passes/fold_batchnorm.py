@@ -48,7 +48,9 @@ class FoldBatchNorm(Pass):
                     if not is_batchnorm(node) or (id(node) in decided and decided[id(node)][1].folded):
                         continue
                     # a BN another fold takes along may have been refused on its own: the fold wins
-                    decisions = fold_one(node, index, excluded, path)
+                    with state.context.changes.capture() as changes:
+                        decisions = fold_one(node, index, excluded, path)
+                    decisions[0][1].changes = changes
                     decided.update((id(n), (n, d)) for n, d in decisions)
                     progress = progress or decisions[0][1].folded
                     state.context.release_reads()

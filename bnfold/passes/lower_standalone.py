@@ -22,7 +22,7 @@ from ..errors import BnfoldError
 from ..graph import GraphIndex, walk_graphs
 from ..reasons import DTYPE_UNSUPPORTED, EXCLUDED_BY_USER, LOWERED, RANK_UNSUPPORTED
 from ..rules.base import FOLDABLE_DTYPES, Refusal, bn_affine, bn_mode_refusal, cast_checked, known_rank
-from .base import Decision, Pass, PassResult, PipelineState
+from .base import Decision, Pass, PassResult, PipelineState, recorded
 from .fold_batchnorm import is_batchnorm
 
 KEEP, MUL_ADD = "keep", "mul-add"
@@ -50,7 +50,8 @@ class LowerStandalone(Pass):
             indexes[id(graph)] = index
             for node in list(graph.node):
                 if is_batchnorm(node):
-                    result.decisions.append(_lower_one(node, index, state.options.exclude_nodes, path))
+                    result.decisions.append(recorded(state, lambda: _lower_one(node, index, state.options.exclude_nodes,
+                                                                               path)))
                     state.context.release_reads()
             state.released |= index.released
         result.modified = any(d.reason == LOWERED for d in result.decisions)
@@ -93,13 +94,14 @@ def _constants(bn: onnx.NodeProto, index: GraphIndex) -> tuple[np.ndarray, np.nd
 
 
 def _rewrite(bn: onnx.NodeProto, index: GraphIndex, scale: np.ndarray, shift: np.ndarray):
-    """Replace `bn`, at its place in the graph, by Mul then Add; the Add produces the BN's output."""
+    """Replace `bn`, at its place in the graph, by Mul then Add; the Add produces the BN's output. Their
+    constants are named after the BN's scale and B, `{name}_bnfold`, which they replace."""
     base, fresh = bn.name or "bn", index.context.fresh_name
     scaled = fresh(f"{bn.output[0]}_scaled")
     legacy = {"broadcast": 1, "axis": 1} if index.context.bn_opset < 7 else {}  # no numpy broadcasting yet
-    mul = onnx.helper.make_node("Mul", [bn.input[0], index.add_initializer(scale, f"{base}_scale_bnfold")],
+    mul = onnx.helper.make_node("Mul", [bn.input[0], index.add_initializer(scale, f"{bn.input[1]}_bnfold")],
                                 [scaled], name=fresh(f"{base}_mul"), **legacy)
-    add = onnx.helper.make_node("Add", [scaled, index.add_initializer(shift, f"{base}_shift_bnfold")],
+    add = onnx.helper.make_node("Add", [scaled, index.add_initializer(shift, f"{bn.input[2]}_bnfold")],
                                 [bn.output[0]], name=fresh(f"{base}_add"), **legacy)
     position = index.position(bn)
     index.remove_node(bn)

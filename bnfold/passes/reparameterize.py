@@ -40,7 +40,7 @@ from ..reasons import (EXCLUDED_BY_USER, FOLDED, IDENTITY_NOT_ONE_TO_ONE, MERGED
 from ..rules.base import (Refusal, bn_affine, bn_mode_refusal, cast_checked, conv_operands, require_exclusive,
                           set_folded_input, weight_dtype)
 from ..rules.path import is_constant
-from .base import Decision, Pass, PassResult, PipelineState
+from .base import Decision, Pass, PassResult, PipelineState, recorded
 from .fold_batchnorm import is_batchnorm
 
 
@@ -57,8 +57,10 @@ class Reparameterize(Pass):
             index = GraphIndex(graph, state.context, indexes.get(id(parent)) if parent is not None else None)
             indexes[id(graph)] = index
             index.excluded = state.options.exclude_nodes
-            result.decisions += [d for node in list(graph.node) if (d := _remove_zero_add(node, index, path))]
-            merges = [d for node in reversed(list(graph.node)) if (d := _merge(node, index, state, path))]
+            result.decisions += [d for node in list(graph.node)
+                                 if (d := recorded(state, lambda: _remove_zero_add(node, index, path)))]
+            merges = [d for node in reversed(list(graph.node))
+                      if (d := recorded(state, lambda: _merge(node, index, state, path)))]
             result.decisions += reversed(merges)
             state.released |= index.released
             state.context.release_reads()
@@ -386,9 +388,8 @@ def _rewrite(node: onnx.NodeProto, inner: list[onnx.NodeProto], branches: list[B
     BN after it); the other branch nodes, the sum, the sums inside it and that BN go."""
     keep = plan.keep
     output = (plan.bn_after or node).output[0]  # the name the kept Conv writes
-    base = keep.name or output
-    set_folded_input(index, keep, 1, plan.weight, f"{base}_W_bnfold")
-    set_folded_input(index, keep, 2, plan.bias, f"{base}_B_bnfold")
+    set_folded_input(index, keep, 2, plan.bias)  # first: a new bias is named after the weight's own name
+    set_folded_input(index, keep, 1, plan.weight)
     _set_ints(keep, "auto_pad", None)  # VALID is pads of 0: the merged pads say it
     _set_ints(keep, "pads", plan.pads)
     if any(a.name == "kernel_shape" for a in keep.attribute):

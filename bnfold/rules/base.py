@@ -32,7 +32,7 @@ FOLDABLE_DTYPES = {t: numpy_dtype(t) for t in (onnx.TensorProto.FLOAT, onnx.Tens
 
 __all__ = ["FOLDABLE_DTYPES", "FoldRule", "Match", "Plan", "Refusal", "attribute", "bn_affine",
            "bn_mode_refusal", "cast_checked", "constant", "conv_operands", "known_rank", "optional_constant",
-           "require_exclusive", "set_attribute", "set_folded_input", "weight_dtype", "write_plan"]
+           "require_exclusive", "set_attribute", "set_folded_input", "weight_dtype", "write_plan", "bias_name"]
 
 
 class Refusal(Exception):
@@ -211,24 +211,37 @@ def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------- rewriting
-def write_plan(index: GraphIndex, node: onnx.NodeProto, plan: Plan, labels: dict[int, str], base: str) -> None:
-    """Point each input position of `node` in `plan.arrays` at its folded values and set the plan's
-    attributes. A new initializer is named `{base}_{label}_bnfold` (label from `labels`)."""
-    for position in sorted(plan.arrays):
-        set_folded_input(index, node, position, plan.arrays[position], f"{base}_{labels[position]}_bnfold")
+def write_plan(index: GraphIndex, node: onnx.NodeProto, plan: Plan) -> None:
+    """Point each input position of `node` in `plan.arrays` at its folded values (a bias it lacked
+    is created: set_folded_input) and set the plan's attributes. The bias goes first: one it creates is
+    named after the weight, which must not be renamed (copied) yet."""
+    for position in sorted(plan.arrays, reverse=True):
+        set_folded_input(index, node, position, plan.arrays[position])
     for name, value in plan.attributes.items():
         set_attribute(node, name, value)
 
 
-def set_folded_input(index: GraphIndex, node: onnx.NodeProto, position: int, values: np.ndarray,
-                     name: str) -> None:
-    """Point input `position` of `node` at `values`: overwrite its initializer if only `node` reads
-    it, otherwise give the node its own new initializer (never change a shared one)."""
+def set_folded_input(index: GraphIndex, node: onnx.NodeProto, position: int, values: np.ndarray) -> None:
+    """Point input `position` of `node` at `values`. An initializer only `node` reads is overwritten
+    and keeps its name (`conv1.weight` still maps to the training code's `conv1.weight`); any other
+    input is never changed: the node gets a new initializer. A copy of a shared one is named after it,
+    `{name}_bnfold`; a bias `node` lacked or computed (dynamo's zero bias) is named after the weight
+    (bias_name); any other computed input `{name}_bnfold`."""
     current = node.input[position] if position < len(node.input) else ""
-    if current and index.owns_initializer(current, node):
+    if current and index.owns_initializer(current, node, values):
         index.replace_initializer(current, values)
-    else:
-        index.set_input(node, position, index.add_initializer(values, name))
+        return
+    is_bias = position == 2 and node.op_type in ("Conv", "ConvTranspose", "Gemm")
+    name = bias_name(node) if is_bias and current not in index.initializers else f"{current}_bnfold"
+    index.set_input(node, position, index.add_initializer(values, name))
+
+
+def bias_name(node: onnx.NodeProto) -> str:
+    """The name of a bias a fold creates for `node`, derived from its weight (input 1) as training
+    code names them: `conv1.weight` -> `conv1.bias`, any other `W` -> `W_bias` (fresh_name adds `_2`,
+    `_3`, ... if the name is taken)."""
+    weight = node.input[1]
+    return f"{weight[:-len('weight')]}bias" if weight.endswith("weight") else f"{weight}_bias"
 
 
 def set_attribute(node: onnx.NodeProto, name: str, value) -> None:

@@ -52,10 +52,10 @@ class ConvThenBN(FoldRule):
                     beyond=path.beyond)
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
-        conv, bn = match.neighbour, match.bn
-        write_plan(index, conv, plan, {1: "W", 2: "B"}, conv.name or bn.name)
+        conv = match.neighbour
+        write_plan(index, conv, plan)
         for inputs, axis in plan.quantized:
-            write_dequantized(index, conv, inputs, axis, conv.name or bn.name)
+            write_dequantized(index, conv, inputs, axis)
         splice(index, match, plan.beyond)
 
 
@@ -85,5 +85,6 @@ def _quantized_plan(match: Match, index: GraphIndex, weight) -> Plan:
         dtype = weight_dtype(np.zeros(0, weight.scale.dtype), f"{what} scale")
         return Plan({2: cast_checked(path.shift, dtype, "biases")}, beyond=path.beyond,
                     quantized=((new_weight, axis),), note=describe([new_weight]))
-    return Plan({}, beyond=path.beyond, quantized=((new_weight, axis), (new_bias, 0)),
+    # the bias first: one it creates is named after the weight, before the weight is perhaps copied
+    return Plan({}, beyond=path.beyond, quantized=((new_bias, 0), (new_weight, axis)),
                 note=describe([new_weight, new_bias]))

@@ -19,7 +19,7 @@ import onnx
 from ..graph import GraphIndex
 from ..math import fold_after_gemm, fold_after_matmul
 from ..reasons import CHANNEL_AXIS_MISMATCH, RANK_UNSUPPORTED
-from .base import (FoldRule, Match, Plan, Refusal, attribute, cast_checked, constant, known_rank,
+from .base import (FoldRule, Match, Plan, Refusal, attribute, bias_name, cast_checked, constant, known_rank,
                    optional_constant, set_folded_input, weight_dtype, write_plan)
 from .path import SHAPE_OPS, check_links, fold_path, producer_of, splice
 from .quantized import dequantize_linear_of, dequantized, fold_weight_scale, write_dequantized
@@ -69,10 +69,10 @@ class GemmThenBN(FoldRule):
                     quantized=((new_weight, axis),))
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
-        gemm, bn = match.neighbour, match.bn
-        write_plan(index, gemm, plan, {1: "B", 2: "C"}, gemm.name or bn.name)
+        gemm = match.neighbour
+        write_plan(index, gemm, plan)
         for inputs, axis in plan.quantized:
-            write_dequantized(index, gemm, inputs, axis, gemm.name or bn.name)
+            write_dequantized(index, gemm, inputs, axis)
         splice(index, match, plan.beyond)
 
 
@@ -123,18 +123,19 @@ class MatMulThenBN(FoldRule):
                     beyond=path.beyond)
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
-        matmul, add, bn = match.neighbour, match.bias_add, match.bn
-        write_plan(index, matmul, plan, {1: "W"}, matmul.name or bn.name)
+        matmul, add = match.neighbour, match.bias_add
+        new_bias = bias_name(matmul)  # before the weight is perhaps copied under another name
+        write_plan(index, matmul, plan)
         for inputs, axis in plan.quantized:
-            write_dequantized(index, matmul, inputs, axis, matmul.name or bn.name)
+            write_dequantized(index, matmul, inputs, axis)
         if add is not None:
             position = list(add.input).index(_bias_operand(add, matmul))
-            set_folded_input(index, add, position, plan.bias, f"{add.name or bn.name}_B_bnfold")
+            set_folded_input(index, add, position, plan.bias)
         else:
-            bias_name = index.add_initializer(plan.bias, f"{matmul.name or bn.name}_B_bnfold")
-            add = onnx.helper.make_node("Add", [matmul.output[0], bias_name],
+            bias = index.add_initializer(plan.bias, new_bias)
+            add = onnx.helper.make_node("Add", [matmul.output[0], bias],
                                         [index.context.fresh_name(f"{matmul.output[0]}_biased")],
-                                        name=index.context.fresh_name(f"{bn.name or 'bn'}_bias"))
+                                        name=index.context.fresh_name(f"{matmul.name or 'MatMul'}_bias"))
             add = index.insert_node(index.position(matmul) + 1, add)
         splice(index, match, plan.beyond, bias_add=add)
 

@@ -22,7 +22,7 @@ import onnx
 from ..graph import GraphIndex
 from ..math import fold_before_conv, fold_before_matmul
 from ..reasons import PADDING_PREVENTS_FOLD, RANK_UNSUPPORTED
-from .base import (FoldRule, Match, Plan, Refusal, attribute, cast_checked, constant, conv_operands,
+from .base import (FoldRule, Match, Plan, Refusal, attribute, bias_name, cast_checked, constant, conv_operands,
                    optional_constant, set_folded_input, weight_dtype, write_plan)
 from .path import check_links, data_position, fold_path, sole_consumer_of, splice
 
@@ -48,8 +48,8 @@ class BNThenConv(FoldRule):
                     beyond=path.beyond)
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
-        conv, bn = match.neighbour, match.bn
-        write_plan(index, conv, plan, {1: "W", 2: "B"}, conv.name or bn.name)
+        conv = match.neighbour
+        write_plan(index, conv, plan)
         splice(index, match, plan.beyond)
 
 
@@ -139,22 +139,23 @@ class BNThenLinear(FoldRule):
                     attributes={"beta": 1.0}, beyond=path.beyond)
 
     def rewrite(self, match: Match, plan: Plan, index: GraphIndex) -> None:
-        node, bn = match.neighbour, match.bn
-        write_plan(index, node, plan, {1: "W", 2: "C"}, node.name or bn.name)
+        node = match.neighbour
+        new_bias = bias_name(node)  # before the weight is perhaps copied under another name
+        write_plan(index, node, plan)
         splice(index, match, plan.beyond)
         if node.op_type == "Gemm":
             return
         if plan.merge_bias:
             add = match.bias_add
             position = 1 - list(add.input).index(node.output[0])
-            set_folded_input(index, add, position, plan.bias, f"{add.name or bn.name}_B_bnfold")
+            set_folded_input(index, add, position, plan.bias)
             return
         output = node.output[0]
         product = index.context.fresh_name(f"{output}_unbiased")
         index.set_output(node, 0, product)
-        bias_name = index.add_initializer(plan.bias, f"{node.name or bn.name}_B_bnfold")
-        add = onnx.helper.make_node("Add", [product, bias_name], [output],
-                                    name=index.context.fresh_name(f"{node.name or 'matmul'}_bias"))
+        bias = index.add_initializer(plan.bias, new_bias)
+        add = onnx.helper.make_node("Add", [product, bias], [output],
+                                    name=index.context.fresh_name(f"{node.name or 'MatMul'}_bias"))
         index.insert_node(index.position(node) + 1, add)
 
 

@@ -29,7 +29,7 @@ from ..constants import NotConstant
 from ..graph import GraphIndex
 from ..reasons import (CHANNEL_AXIS_MISMATCH, DTYPE_OVERFLOW, DTYPE_UNSUPPORTED, NEGATED_CODE_OUT_OF_RANGE,
                        QUANTIZATION_OPSET_TOO_OLD, QUANTIZED_SCALE_INVALID, QUANTIZED_WEIGHTS)
-from .base import Refusal, constant, set_attribute, set_folded_input
+from .base import Refusal, bias_name, constant, set_attribute, set_folded_input
 
 _CODE_TYPES = (np.int8, np.uint8, np.int16, np.uint16, np.int32)
 
@@ -181,15 +181,17 @@ def _input_scale(index: GraphIndex, node: onnx.NodeProto) -> float | None:
     return float(scale.reshape(-1)[0]) if scale.size == 1 else None
 
 
-def write_dequantized(index: GraphIndex, node: onnx.NodeProto, new: QuantizedInputs, axis: int, base: str) -> None:
+def write_dequantized(index: GraphIndex, node: onnx.NodeProto, new: QuantizedInputs, axis: int) -> None:
     """Give input `new.position` of `node` the new DequantizeLinear operands: in place when only `node`
     reads the DequantizeLinear (its constants copied if shared, as set_folded_input does), else through
-    a copy of the DequantizeLinear of its own (a new one for a bias `node` did not have)."""
+    a copy of the DequantizeLinear of its own, `{name}_bnfold` (a new one for a bias `node` did not
+    have, named as bias_name says, its codes `{bias}_quantized` and scale `{bias}_scale`)."""
     if new.source is None:
-        codes = index.add_initializer(new.codes, f"{base}_B_q_bnfold")
-        scale = index.add_initializer(new.scale, f"{base}_B_scale_bnfold")
-        dq = onnx.helper.make_node("DequantizeLinear", [codes, scale], [index.context.fresh_name(f"{base}_B_bnfold")],
-                                   name=index.context.fresh_name(f"{base}_B_dequantize"), axis=axis)
+        bias = bias_name(node)
+        codes = index.add_initializer(new.codes, f"{bias}_quantized")
+        scale = index.add_initializer(new.scale, f"{bias}_scale")
+        dq = onnx.helper.make_node("DequantizeLinear", [codes, scale], [index.context.fresh_name(bias)],
+                                   name=index.context.fresh_name(f"{bias}_DequantizeLinear"), axis=axis)
         dq = index.insert_node(index.position(node), dq)
         index.set_input(node, new.position, dq.output[0])
         return
@@ -198,14 +200,14 @@ def write_dequantized(index: GraphIndex, node: onnx.NodeProto, new: QuantizedInp
     if len(readers) != 1 or readers[0] is not node or index.is_output(dq.output[0]):
         copy = onnx.NodeProto()
         copy.CopyFrom(dq)
-        copy.name = index.context.fresh_name(f"{dq.name or base}_bnfold")
+        copy.name = index.context.fresh_name(f"{dq.name or dq.output[0]}_bnfold")
         copy.output[0] = index.context.fresh_name(f"{dq.output[0]}_bnfold")
         dq = index.insert_node(index.position(node), copy)
         index.set_input(node, new.position, dq.output[0])
     if new.codes is not None:
-        set_folded_input(index, dq, 0, new.codes, f"{base}_q_bnfold")
-    set_folded_input(index, dq, 1, new.scale, f"{base}_scale_bnfold")
+        set_folded_input(index, dq, 0, new.codes)
+    set_folded_input(index, dq, 1, new.scale)
     if new.zero_point is not None:
-        set_folded_input(index, dq, 2, new.zero_point, f"{base}_zero_point_bnfold")
+        set_folded_input(index, dq, 2, new.zero_point)
     if new.scale.ndim == 1:
         set_attribute(dq, "axis", axis)

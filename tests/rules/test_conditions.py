@@ -276,15 +276,13 @@ def test_explicit_pads_detail(rng):
 
 
 # ------------------------------------------------------------------------------ names a fold adds
-def test_new_initializers_are_named_after_the_neighbour_or_the_bn(rng):
-    """A bias the Conv did not have is a new initializer `{conv name}_B_bnfold` (`{bn name}_...` when
-    the Conv is unnamed), and a shared weight gets its own `..._W_bnfold` copy."""
-    model = _bn_then(rng, "Conv", bias=False, op_name="conv1")
-    folded, _ = fold_model(model)
-    assert list(folded.graph.node[0].input) == ["x", "W", "conv1_B_bnfold"]
-    model = _bn_then(rng, "Conv", bias=False, op_name="", bn_name="norm")
-    folded, _ = fold_model(model)
-    assert list(folded.graph.node[0].input) == ["x", "W", "norm_B_bnfold"]
+def test_new_initializers_are_named_after_the_weight(rng):
+    """A bias the Conv did not have is named after its weight (`W_bias`, whatever the nodes are
+    called), and a shared weight gets its own copy `W_bnfold`."""
+    for op_name, bn_name in (("conv1", "bn"), ("", "norm")):
+        model = _bn_then(rng, "Conv", bias=False, op_name=op_name, bn_name=bn_name)
+        folded, _ = fold_model(model)
+        assert list(folded.graph.node[0].input) == ["x", "W", "W_bias"]
     # W also read by a second Conv: the folded Conv gets its own copy
     model = _bn_then(rng, "Conv", op_name="conv1")
     graph = model.graph
@@ -293,7 +291,7 @@ def test_new_initializers_are_named_after_the_neighbour_or_the_bn(rng):
     model = make_model(list(graph.node), list(graph.input), list(graph.output), list(graph.initializer))
     folded, report = fold_model(model)
     assert report.folded == 1
-    assert folded.graph.node[0].input[1] == "conv1_W_bnfold" and folded.graph.node[1].input[1] == "W"
+    assert folded.graph.node[0].input[1] == "W_bnfold" and folded.graph.node[1].input[1] == "W"
     assert_same_function(model, folded)
 
 
@@ -307,8 +305,7 @@ def test_bn_then_gemm_names_its_copies(rng, shared):
     model = make_model(list(graph.node), list(graph.input), list(graph.output), list(graph.initializer))
     folded, report = fold_model(model)
     assert report.folded == 1
-    label = {"W": "W", "b": "C"}[shared]
-    assert f"fc_{label}_bnfold" in folded.graph.node[0].input
+    assert f"{shared}_bnfold" in folded.graph.node[0].input
     assert_same_function(model, folded)
 
 
@@ -319,8 +316,8 @@ def test_matmul_then_bn_names_its_bias_and_add(rng, names):
     folded, report = fold_model(model)
     assert report.folded == 1
     add = folded.graph.node[1]
-    assert add.op_type == "Add" and add.name == f"{bn_name or 'bn'}_bias"
-    assert add.input[1] == f"{mm_name or bn_name}_B_bnfold"
+    assert add.op_type == "Add" and add.name == f"{mm_name or 'MatMul'}_bias"
+    assert add.input[1] == "W_bias"
     assert_same_function(model, folded)
 
 
@@ -332,7 +329,7 @@ def test_matmul_add_then_bn_names_a_shared_bias_copy(rng):
     model = make_model(list(graph.node), list(graph.input), list(graph.output), list(graph.initializer))
     folded, report = fold_model(model)
     assert report.folded == 1
-    assert "add_B_bnfold" in [i for n in folded.graph.node for i in n.input]
+    assert "bias_bnfold" in [i for n in folded.graph.node for i in n.input]
     assert_same_function(model, folded)
 
 
@@ -343,7 +340,7 @@ def test_bn_then_matmul_names_its_bias_and_add(rng, names):
     folded, report = fold_model(model)
     assert report.folded == 1
     matmul, add = folded.graph.node
-    assert add.name == f"{op_name or 'matmul'}_bias"
-    assert add.input == [matmul.output[0], f"{op_name or bn_name}_B_bnfold"]
+    assert add.name == f"{op_name or 'MatMul'}_bias"
+    assert add.input == [matmul.output[0], "W_bias"]
     assert matmul.output[0] == "y_unbiased" and add.output[0] == "y"
     assert_same_function(model, folded)

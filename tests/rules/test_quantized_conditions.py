@@ -269,8 +269,8 @@ def test_a_created_int32_bias_gets_a_named_dequantize_node(rng):
     folded, _ = assert_folds_exactly(qdq_conv_bn(rng), rng, atol=1e-3)
     conv = next(n for n in folded.graph.node if n.name == "conv")
     dqb = next(n for n in folded.graph.node if n.output[0] == conv.input[2])
-    assert dqb.name == "conv_B_dequantize"
-    assert list(dqb.input) == ["conv_B_q_bnfold", "conv_B_scale_bnfold"]
+    assert (dqb.name, dqb.output[0]) == ("W_bias_DequantizeLinear", "W_bias")
+    assert list(dqb.input) == ["W_bias_quantized", "W_bias_scale"]
 
 
 def test_a_sole_reader_changes_the_weight_quantizer_in_place(rng):
@@ -289,7 +289,7 @@ def test_a_shared_weight_quantizer_copy_is_named_after_it(rng):
     conv = next(n for n in folded.graph.node if n.name == "conv")
     copy = next(n for n in folded.graph.node if n.output[0] == conv.input[1])
     assert copy.name == "dqw_bnfold" and copy.output[0] == "W_bnfold"
-    assert copy.input[0] == "conv_q_bnfold"
+    assert list(copy.input) == ["Wq_bnfold", "Ws_bnfold", "Wz_bnfold"]
     np.testing.assert_array_equal(initializer(folded, "Wq"), initializer(model, "Wq"))
 
 

@@ -309,18 +309,18 @@ def _conv_shared(op="Conv"):
 
 
 @pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
-@pytest.mark.parametrize("conv_name, base", [("conv", "conv"), (None, "bn")])
-def test_conv_bn_new_initializer_names(op, conv_name, base):
+@pytest.mark.parametrize("conv_name", ["conv", None])
+def test_conv_bn_new_initializer_names(op, conv_name):
     model = _named(_conv_shared(op), {"conv": conv_name})
     folded = _folds(model, "conv-bn")
     conv = _node(folded, op)
-    assert list(conv.input[1:]) == [f"{base}_W_bnfold", f"{base}_B_bnfold"]
+    assert list(conv.input[1:]) == ["W_bnfold", "W_bias"]
     assert _node(folded, op) is not None and "W" in _inits(folded)  # the shared weight is kept
     assert_same_function(model, folded)
 
 
-@pytest.mark.parametrize("gemm_name, base", [("gemm", "gemm"), (None, "bn")])
-def test_gemm_bn_new_initializer_names(gemm_name, base):
+@pytest.mark.parametrize("gemm_name", ["gemm", None])
+def test_gemm_bn_new_initializer_names(gemm_name):
     rng = np.random.default_rng(0)
     inits = [_arr(rng.normal(size=(2, 2)), "B")] + bn_initializers(bn_stats(rng, 2), F32)
     nodes = [helper.make_node("Gemm", ["x", "B"], ["g"], name="gemm"), bn_node("g", "y"),
@@ -328,7 +328,7 @@ def test_gemm_bn_new_initializer_names(gemm_name, base):
     model = _named(make_model(nodes, [tensor("x", F32, [3, 2])], [tensor("y", F32, [3, 2]), tensor("z", F32, None)],
                               inits), {"gemm": gemm_name})
     folded = _folds(model, "gemm-bn")
-    assert list(_node(folded, "Gemm").input[1:]) == [f"{base}_B_bnfold", f"{base}_C_bnfold"]
+    assert list(_node(folded, "Gemm").input[1:]) == ["B_bnfold", "B_bias"]
     assert_same_function(model, folded)
 
 
@@ -346,34 +346,30 @@ def _matmul_shared(add):
     return make_model(nodes, [tensor("x", F32, [3, 2])], outputs, inits)
 
 
-@pytest.mark.parametrize("names, w_name, b_name", [
-    ({}, "matmul_W_bnfold", "matmul_B_bnfold"),
-    ({"matmul": None}, "bn_W_bnfold", "bn_B_bnfold")])
-def test_matmul_bn_new_names(names, w_name, b_name):
+@pytest.mark.parametrize("names, add_name", [({}, "matmul_bias"), ({"matmul": None}, "MatMul_bias")])
+def test_matmul_bn_new_names(names, add_name):
     model = _named(_matmul_shared(add=False), names)
     folded = _folds(model, "matmul-bn")
     matmul = next(n for n in folded.graph.node if n.op_type == "MatMul" and n.output[0] == "mm_out")
     add = next(n for n in folded.graph.node if n.op_type == "Add" and n.output[0] == "y")
-    assert matmul.input[1] == w_name
-    assert list(add.input) == ["mm_out", b_name] and add.name == "bn_bias"
+    assert matmul.input[1] == "W_bnfold"
+    assert list(add.input) == ["mm_out", "W_bias"] and add.name == add_name
     assert_same_function(model, folded)
 
 
-@pytest.mark.parametrize("names, w_name, b_name", [
-    ({}, "matmul_W_bnfold", "add_B_bnfold"),
-    ({"matmul": None, "add": None}, "bn_W_bnfold", "bn_B_bnfold")])
-def test_matmul_add_bn_new_names(names, w_name, b_name):
+@pytest.mark.parametrize("names", [{}, {"matmul": None, "add": None}])
+def test_matmul_add_bn_new_names(names):
     model = _named(_matmul_shared(add=True), names)
     folded = _folds(model, "matmul-bn")
     matmul = next(n for n in folded.graph.node if n.op_type == "MatMul" and n.output[0] == "mm_out")
     add = next(n for n in folded.graph.node if n.op_type == "Add" and n.output[0] == "y")
-    assert matmul.input[1] == w_name
-    assert list(add.input) == ["mm_out", b_name]
+    assert matmul.input[1] == "W_bnfold"
+    assert list(add.input) == ["mm_out", "bias_bnfold"]
     assert_same_function(model, folded)
 
 
-@pytest.mark.parametrize("conv_name, base", [("conv", "conv"), (None, "bn")])
-def test_bn_conv_new_initializer_names(conv_name, base):
+@pytest.mark.parametrize("conv_name", ["conv", None])
+def test_bn_conv_new_initializer_names(conv_name):
     rng = np.random.default_rng(0)
     inits = [_arr(rng.normal(size=(2, 2, 1, 1)), "W")] + bn_initializers(bn_stats(rng, 2), F32)
     nodes = [bn_node("x", "a"), helper.make_node("Conv", ["a", "W"], ["y"], name="conv"),
@@ -383,13 +379,13 @@ def test_bn_conv_new_initializer_names(conv_name, base):
                    {"conv": conv_name})
     folded = _folds(model, "bn-conv")
     conv = next(n for n in folded.graph.node if n.output[0] == "y")
-    assert list(conv.input) == ["x", f"{base}_W_bnfold", f"{base}_B_bnfold"]
+    assert list(conv.input) == ["x", "W_bnfold", "W_bias"]
     assert_same_function(model, folded)
 
 
 @pytest.mark.parametrize("op", ["Gemm", "MatMul"])
-@pytest.mark.parametrize("node_name, base", [("lin", "lin"), (None, "bn")])
-def test_bn_linear_new_names(op, node_name, base):
+@pytest.mark.parametrize("node_name", ["lin", None])
+def test_bn_linear_new_names(op, node_name):
     rng = np.random.default_rng(0)
     inits = [_arr(rng.normal(size=(2, 2)), "W")] + bn_initializers(bn_stats(rng, 2), F32)
     nodes = [bn_node("x", "a"), helper.make_node(op, ["a", "W"], ["y"], name="lin"),
@@ -399,10 +395,10 @@ def test_bn_linear_new_names(op, node_name, base):
     folded = _folds(model, "bn-linear")
     node = _node(folded, op)
     if op == "Gemm":
-        assert list(node.input) == ["x", f"{base}_W_bnfold", f"{base}_C_bnfold"]
+        assert list(node.input) == ["x", "W_bnfold", "W_bias"]
     else:
-        assert list(node.input) == ["x", f"{base}_W_bnfold"]
+        assert list(node.input) == ["x", "W_bnfold"]
         add = next(n for n in folded.graph.node if n.output[0] == "y")
-        assert add.op_type == "Add" and add.input[1] == f"{base}_B_bnfold"
-        assert add.name == f"{node_name or 'matmul'}_bias"
+        assert add.op_type == "Add" and add.input[1] == "W_bias"
+        assert add.name == f"{node_name or 'MatMul'}_bias"
     assert_same_function(model, folded)
