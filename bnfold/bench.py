@@ -41,6 +41,7 @@ from .inputs import generate_samples, input_specs, merge_specs, plan_shapes
 from .io import atomic_output, load_model
 from .runtime import (LEVELS, create_session, file_or_proto, ort_values, resolve_provider,
                       serialized)
+from .schema import SCHEMA_VERSION
 
 DEFAULT_SECONDS = 3.0  # time budget per level when neither runs nor seconds is given
 MIN_PAIRS = 10  # a time budget never yields fewer pairs than this ...
@@ -53,7 +54,26 @@ PLOT_HINT = "pip install 'bnfold[plot]'"
 class BenchOptions:
     """How to measure. `runs` (exact pair count) and `seconds` (time budget per level) exclude each other;
     with neither, each level gets :data:`DEFAULT_SECONDS`. `plot` is where :func:`run_bench` writes the
-    latency plot; :func:`bench_models` itself writes nothing."""
+    latency plot; :func:`bench_models` itself writes nothing. Invalid settings raise BnfoldError when
+    the measurement starts (``error.option`` names the field).
+
+    Attributes:
+        levels: onnxruntime graph optimization levels to measure at, in order, each one of
+            ``"disabled"``, ``"basic"``, ``"extended"``, ``"all"``. Default ``("disabled", "all")``:
+            the fold's own effect, and what onnxruntime's defaults give.
+        threads: Intra-op threads per session (default 1); at least 1.
+        batch: The size of a symbolic first input dimension (default 1); at least 1.
+        shapes: Input name -> shape; any other symbolic dimension is 32.
+        provider: The onnxruntime execution provider (default the CPU's).
+        warmup: Untimed runs of each model before timing, per level (default 5); 0 or more.
+        runs: Timed pairs per level, exactly; at least 1. Excludes `seconds`.
+        seconds: Time budget per level (more than 0), giving 10 to 5000 pairs. Excludes `runs`.
+        creations: Timed session creations per model and level (default 3); the median is reported.
+        seed: Seed of the generated inputs and of the bootstrap (default 0).
+        confidence: Confidence level of the speedup interval, between 0 and 1 (default 0.95).
+        plot: A PNG path for the latency plot that :func:`run_bench` writes (``bnfold bench --plot``);
+            :func:`bench_models` ignores it.
+    """
 
     levels: tuple[str, ...] = ("disabled", "all")
     threads: int = 1
@@ -143,7 +163,18 @@ class LevelResult:
 
 @dataclass
 class BenchReport:
-    """Everything measured by :func:`bench_models`; `to_dict()` is the JSON document of `bench --json`."""
+    """Everything measured by :func:`bench_models`; `to_dict()` is the JSON document of `bench --json`.
+
+    Attributes:
+        baseline: The baseline model's path, or ``"baseline"`` for a ModelProto.
+        candidate: The candidate model's path, or ``"candidate"`` for a ModelProto.
+        options: The settings used (the provider resolved to onnxruntime's name).
+        inputs: Input name -> ``{"shape": [...], "dtype": "float32"}``: what both models were fed.
+        levels: One LevelResult per optimization level: both models' session creation and latency
+            times, ``speedup`` (median baseline / median candidate latency; above 1 the candidate is
+            faster), its paired-bootstrap interval ``ci``, ``creation_speedup``, and ``verdict``
+            (``"faster"``, ``"slower"``, ``"no-significant-difference"`` or ``"too-few-runs"``).
+    """
 
     baseline: str
     candidate: str
@@ -156,6 +187,7 @@ class BenchReport:
 
         opts = self.options
         return {
+            "schema_version": SCHEMA_VERSION,
             "baseline": self.baseline,
             "candidate": self.candidate,
             "settings": {"levels": list(opts.levels), "threads": opts.threads, "provider": opts.provider,
@@ -174,15 +206,41 @@ class BenchReport:
 SessionFactory = Callable[[object, str, BenchOptions], object]
 
 
-def bench_models(baseline, candidate, options: BenchOptions | None = None, *,
+def bench_models(baseline: str | os.PathLike[str] | onnx.ModelProto,
+                 candidate: str | os.PathLike[str] | onnx.ModelProto, options: BenchOptions | None = None, *,
                  session_factory: SessionFactory | None = None,
                  clock: Callable[[], float] = time.perf_counter,
                  progress: bool | None = None) -> BenchReport:
-    """Time `baseline` and `candidate` (paths or ModelProtos) at each level, interleaved.
+    """Measure how much faster `candidate` runs than `baseline` in onnxruntime, with a confidence interval.
 
-    `session_factory(source, level, options)` returns an object whose `run(feeds)` runs the model
-    (source: a path or serialized bytes); tests inject one to check the order of runs.
-    `progress=None` shows a progress bar on stderr only when it is a terminal and the run is long.
+    Use it to decide whether a fold pays off on a given machine and runtime setting: both models get
+    the same seeded inputs and are timed in interleaved pairs (A B, B A, ...) at each optimization
+    level, so drift on a busy machine hits both alike; the speedup's interval is a paired bootstrap,
+    and the verdict follows the interval only. What ``bnfold bench`` runs; nothing is written.
+
+    Args:
+        baseline: The model to compare against (e.g. the original): a file path or a ModelProto.
+        candidate: The model measured (e.g. the folded one): a file path or a ModelProto.
+        options: A :class:`bnfold.BenchOptions`, not modified; None (the default) means
+            ``BenchOptions()``: levels disabled and all, 1 thread, about 3 s per level.
+        session_factory: For tests: ``session_factory(source, level, options)`` returns an object
+            whose ``run(feeds)`` runs the model (`source` is a path or serialized bytes). Default
+            None: an onnxruntime session.
+        clock: For tests: the timer, in seconds. Default :func:`time.perf_counter`.
+        progress: Show a progress bar on stderr. None (the default): only when stderr is a
+            terminal and the run has lasted over a second.
+
+    Returns:
+        A :class:`bnfold.BenchReport`: per level, both models' session creation and latency
+        statistics, the speedup, its interval and a verdict.
+
+    Raises:
+        BnfoldError: An option is invalid (``error.option`` names it: an unknown or empty `levels`,
+            `runs` together with `seconds`, a count below 1, `warmup` < 0, `seconds` <= 0,
+            `confidence` outside (0, 1), a provider onnxruntime does not have, a shape that does
+            not fit); a model file is missing, empty or not an ONNX model; the models declare their
+            inputs differently; onnxruntime cannot create a session for a model or fails to run it.
+            An exception from `session_factory` or `clock` passes through as it is.
     """
     options = options or BenchOptions()
     options.validate()

@@ -55,7 +55,18 @@ _STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What `export_model` wrote: the files, the opset and the BatchNorm count check."""
+    """What `export_model` wrote: the files, the opset and the BatchNorm count check.
+
+    Attributes:
+        path: The ONNX file written.
+        reference: The float64 reference ``.npz`` written, or None.
+        exporter: ``"dynamo"`` or ``"torchscript"``.
+        opset: The model's default-domain opset.
+        input_names: The graph's input names: ``input``, or ``input_0``, ``input_1``, ...
+        output_names: The graph's output names: ``output``, or ``output_0``, ``output_1``, ...
+        bn_calls: Inference-mode batch-norm calls torch made in one forward pass.
+        bn_nodes: Inference-mode BatchNormalization nodes in the exported graph (at least `bn_calls`).
+    """
 
     path: Path
     reference: Path | None
@@ -75,16 +86,51 @@ class ExportResult:
         return line
 
 
-def export_model(model: str | Callable, out_path: str | os.PathLike, *,
+def export_model(model: str | Callable[[], object], out_path: str | os.PathLike, *,
                  input_shapes: Sequence[Sequence[int]] | None = None, opset: int | None = None,
                  dynamic_batch: bool = False, exporter: str = DEFAULT_EXPORTER, randomize_bn: bool = False,
                  seed: int = 0, reference: str | os.PathLike | None = None) -> ExportResult:
-    """Export `model` to `out_path` with its BatchNorms kept; optionally write a float64 reference.
+    """Export a torch model to ONNX with every BatchNorm kept; optionally write a float64 reference.
 
-    `model` is a sample name (``resnet_small``), a ``module:callable`` string, or a callable (a
-    factory or an ``nn.Module`` class) that returns an ``nn.Module``. `input_shapes` defaults to
-    the sample's shapes; a factory given any other way needs them. Raises BnfoldError for bad
-    arguments, and with exit code 1 when the exported graph lost BatchNorms.
+    torch's exporters fold BatchNorm themselves, silently; this exports with those fusions off, so
+    that bnfold's folds can be reported and checked, and fails unless the graph holds one
+    inference-mode BatchNormalization per batch-norm call torch made. The export is run once in
+    onnxruntime and compared with torch. Needs the torch extra (``pip install 'bnfold[torch]'``).
+    The same arguments give byte-identical files.
+
+    Args:
+        model: A sample architecture's name (``"resnet_small"``; ``bnfold.export.sample_names()`` lists
+            them), a ``"package.module:callable"`` string, or a callable (a factory, or an
+            ``nn.Module`` class) returning an ``nn.Module``. It is built with weights seeded by
+            `seed` and exported in eval mode.
+        out_path: The ONNX file to write (atomically); its folder must exist.
+        input_shapes: One shape per model input, e.g. ``[(1, 3, 224, 224)]``; positive integers.
+            Default: the sample's shapes; any other model needs them.
+        opset: The ONNX opset to write (default 18, the dynamo exporter's own).
+        dynamic_batch: If True, the first dimension of every input and output is symbolic
+            (``batch``). Default False.
+        exporter: ``"dynamo"`` (the default) or ``"torchscript"``.
+        randomize_bn: If True, give every BatchNorm random, reproducible statistics and affine
+            parameters (a fresh BN is an identity that would hide a wrong fold). Default False.
+        seed: Seed of the weights, the randomized statistics and the reference inputs (default 0).
+        reference: If given, also write there an ``.npz`` with the float32 inputs (``input:NAME``)
+            and the eval-mode float64 PyTorch outputs (``output:NAME``), for
+            :func:`bnfold.verify_against_reference`. Default None.
+
+    Returns:
+        A :class:`bnfold.export.ExportResult`: the paths written, exporter, opset, input and output
+        names, and the BatchNorm counts.
+
+    Raises:
+        BnfoldError: torch (or, for dynamo, onnxscript) is not installed; `exporter` is unknown;
+            the exporter cannot write `opset`; `model` is not a sample name, or its module cannot
+            be imported, or does not name a callable; building the model fails or does not return
+            an ``nn.Module``; no input shapes are given for a model without defaults, or a dimension
+            is not positive; the forward pass fails or does not return a tensor or a tuple of
+            tensors; the exporter fails or writes a model onnx's checker rejects; an output's folder
+            does not exist or a file cannot be written. With ``error.exit_code`` 1: the exported
+            graph lost BatchNorms, or onnxruntime cannot run it or computes another output than
+            torch. Nothing is written then.
     """
     torch = _import_torch(exporter)
     opset = DEFAULT_OPSET if opset is None else opset

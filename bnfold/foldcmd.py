@@ -28,6 +28,7 @@ from .cli_options import with_flag
 from .errors import EXIT_INTERNAL, EXIT_OK, BnfoldError, Terminated
 from .fold import VerificationFailed, fold_file
 from .report import FoldReport
+from .schema import SCHEMA_VERSION
 
 MODEL_SUFFIX = ".onnx"
 
@@ -67,7 +68,7 @@ def models_document(outcomes: list[FoldOutcome], seconds: float, jobs: int) -> d
     for entry in entries:
         left.update(entry.get("left_by_reason", {}))
     failed = sum(entry["status"] != "ok" for entry in entries)
-    return {"models": entries, "summary": {
+    return {"schema_version": SCHEMA_VERSION, "models": entries, "summary": {
         "models": len(entries), "ok": len(entries) - failed, "failed": failed,
         "batchnorm_total": sum(entry.get("batchnorm_total", 0) for entry in entries),
         "folded": sum(entry.get("folded", 0) for entry in entries),
@@ -83,7 +84,8 @@ def _entry(outcome: FoldOutcome) -> dict:
              "error": None if outcome.error is None else with_flag(outcome.error).one_line(),
              "seconds": round(outcome.seconds, 3)}
     if outcome.report is not None:
-        entry.update((key, value) for key, value in outcome.report.to_dict().items() if key != "model")
+        entry.update((key, value) for key, value in outcome.report.to_dict().items()
+                     if key not in ("schema_version", "model"))
     return entry
 
 

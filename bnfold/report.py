@@ -10,6 +10,7 @@ import onnx
 from .graph import all_graphs
 from .passes.base import Decision, PassResult
 from .reasons import LOWERED, MEANINGS
+from .schema import SCHEMA_VERSION
 
 __all__ = ["Decision", "FoldReport", "decisions_table", "models_table", "op_counts", "passes_table",
            "summary_table"]
@@ -20,7 +21,25 @@ LOWER_PASS = "lower-standalone"
 
 @dataclass
 class FoldReport:
-    """The passes' results for one model, and its op counts before and after."""
+    """The passes' results for one model, and its op counts before and after.
+
+    What :func:`bnfold.fold_model`, :func:`bnfold.fold_file` and :func:`bnfold.fold_graph` return;
+    ``to_dict()`` is the JSON document of ``bnfold fold --json``.
+
+    Attributes:
+        passes: One PassResult per pass of the pipeline, in order: its ``name``, one Decision per
+            node it decided on (``decisions``), and whether it changed the model (``modified``).
+        counts_before: Op type -> node count before the fold, subgraphs included.
+        counts_after: Op type -> node count after the fold.
+        model: The input file's path (fold_file), or None (fold_model, fold_graph).
+        verification: The VerifyReport when the fold was verified (``fold_file(verify=...)``), else None.
+        bench: The BenchReport when ``bnfold fold --bench`` measured the result, else None.
+        decisions: (property) One Decision per BatchNormalization node: the fold pass's.
+        total: (property) How many BatchNormalization nodes the model had.
+        folded: (property) How many of them were folded.
+        lowered: (property) How many of those left were rewritten as Mul + Add (``lower_standalone``).
+        left_by_reason: (property) Reason code -> how many BatchNormalization nodes were left for it.
+    """
     passes: list[PassResult] = field(default_factory=list)
     counts_before: dict[str, int] = field(default_factory=dict)
     counts_after: dict[str, int] = field(default_factory=dict)
@@ -52,6 +71,7 @@ class FoldReport:
 
     def to_dict(self) -> dict:
         return {
+            "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "batchnorm_total": self.total,
             "folded": self.folded,

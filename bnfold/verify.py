@@ -24,6 +24,7 @@ from .inputs import (InputSpec, Sample, generate_samples, input_specs, load_samp
                      plan_shapes)
 from .io import load_model
 from .runtime import create_session, file_or_proto, resolve_provider
+from .schema import SCHEMA_VERSION
 from .verify_quantized import Limits, QuantizedResult, check_limits, require_quantizers, verify_quantized
 
 __all__ = ["DEFAULT_TOLERANCES", "Tolerance", "VerifyOptions", "SampleResult", "VerifyReport",
@@ -34,7 +35,34 @@ _RUN_NOTE = "if a symbolic dim got a default that does not fit, give the input's
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """How to verify. None means the documented default; `shapes` maps input names to shapes."""
+    """How to verify: where the inputs come from, the tolerance, the provider, and what to diagnose.
+
+    Every field is optional; None means the documented default. An invalid value raises BnfoldError
+    (``error.option`` names the field): the layer-by-layer settings (`max_steps` or `max_flipped`
+    without `quantized`, `quantized` with `bisect`, a value out of range) at construction, the
+    others when a verification starts.
+
+    Attributes:
+        inputs: An ``.npz`` file (keys: input names or ``input:NAME``), or a folder of them, one
+            sample each, to feed instead of generated inputs. Excludes `shapes`, `samples`, `seed`.
+        shapes: Input name -> shape, for inputs with symbolic dimensions. Otherwise a symbolic first
+            dimension is the batch, verified at 1 and at 2, and any other symbolic dimension is 32.
+        samples: Generated samples per batch size (default 1); at least 1.
+        seed: Seed of the generated inputs (default 0); 0 or more.
+        atol: Absolute tolerance for every output dtype, instead of the dtype's default
+            (``bnfold.DEFAULT_TOLERANCES``; integers and bools must match exactly).
+        rtol: Relative tolerance for every output dtype, likewise. An element passes when
+            ``|a - b| <= atol + rtol * |a|``, `a` being the reference's value.
+        provider: The onnxruntime execution provider (``"CUDAExecutionProvider"`` or ``"cuda"``);
+            default the CPU.
+        bisect: On a mismatch, find the first tensor both models compute that diverges
+            (``VerifyReport.bisect``).
+        quantized: Judge a quantized (Q/DQ) model quantizer by quantizer, not by its final outputs.
+        max_steps: With `quantized`: how far, in quantization steps, a quantizer's input may move;
+            finite and 0 or more (default 0.5).
+        max_flipped: With `quantized`: the share of a quantizer's codes that may flip, from 0 to 1
+            (default 0.01).
+    """
 
     inputs: str | Path | None = None  # an .npz file or a folder of them
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
@@ -90,7 +118,25 @@ class SampleResult:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """The verdict: true when every output of every sample passes."""
+    """The verdict of a verification: true when every output of every sample passes.
+
+    ``bool(report)`` (or `passed`) is the result; ``to_dict()`` is the JSON document of
+    ``bnfold verify --json``.
+
+    Attributes:
+        reference: The reference model's path, or ``"reference (in memory)"``; for
+            :func:`verify_against_reference`, the saved outputs' path.
+        candidate: The candidate model's path (or its label).
+        provider: The onnxruntime execution provider both models ran on.
+        samples: One :class:`SampleResult` per input sample: every output's comparison (error
+            statistics, tolerance, why it fails).
+        notes: What was chosen for the caller, e.g. the sizes given to symbolic dimensions.
+        bisect: With ``VerifyOptions(bisect=True)`` and a mismatch: the first shared tensor that
+            diverges; else None.
+        against_saved_outputs: True when the reference is saved outputs, not a model.
+        quantized: With ``VerifyOptions(quantized=True)``: the quantizer-by-quantizer result, which
+            is then the verdict (the outputs are for information); else None.
+    """
 
     reference: str
     candidate: str
@@ -109,9 +155,9 @@ class VerifyReport:
         return self.passed
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "reference": self.reference, "candidate": self.candidate,
-                "against_saved_outputs": self.against_saved_outputs, "provider": self.provider,
-                "graph_optimizations": "disabled", "notes": list(self.notes),
+        return {"schema_version": SCHEMA_VERSION, "passed": self.passed, "reference": self.reference,
+                "candidate": self.candidate, "against_saved_outputs": self.against_saved_outputs,
+                "provider": self.provider, "graph_optimizations": "disabled", "notes": list(self.notes),
                 "samples": [s.to_dict() for s in self.samples],
                 "bisect": self.bisect.to_dict() if self.bisect else None,
                 "quantized": self.quantized.to_dict() if self.quantized is not None else None}
@@ -120,9 +166,38 @@ class VerifyReport:
 # --------------------------------------------------------------------------------------------- verify
 def verify_models(reference: str | Path | onnx.ModelProto, candidate: str | Path | onnx.ModelProto,
                   options: VerifyOptions | None = None, *, candidate_label: str | None = None) -> VerifyReport:
-    """Run both models on the same inputs and compare every output; bisect on a mismatch if asked.
-    `candidate_label` names the candidate in errors and the report instead of its path (fold --verify:
-    the output the user asked for, not its staged copy)."""
+    """Check that two models compute the same: run both in onnxruntime on the same inputs, compare outputs.
+
+    The gate behind ``bnfold verify`` and ``fold --verify``: use it to prove that a folded (or
+    otherwise rewritten) model still computes what the original does. Both run with graph
+    optimizations disabled (onnxruntime's own Conv+BN fusion would hide a wrong fold), on seeded
+    generated inputs (or those of `options.inputs`); every output is compared by name under the
+    tolerance of its dtype. A mismatch is a result, not an error.
+
+    Args:
+        reference: The original model: a file path, or a ModelProto used as it is.
+        candidate: The model to check against it: a file path, or a ModelProto. Files are read
+            without onnx's checker (onnxruntime judges what runs).
+        options: A :class:`bnfold.VerifyOptions`; None (the default) means ``VerifyOptions()``: one
+            seeded sample per batch size, the dtype's default tolerances, the CPU provider.
+        candidate_label: The name the report and errors give the candidate instead of its path
+            (e.g. the output a staged copy will become). Default: the path, or
+            ``"candidate (in memory)"``.
+
+    Returns:
+        A :class:`bnfold.VerifyReport` that is true when every output of every sample passes (with
+        ``options.quantized``: when every quantizer passes); its samples hold each output's error
+        statistics, and its ``bisect`` the first diverging tensor when ``options.bisect`` was set.
+
+    Raises:
+        BnfoldError: A model file is missing, empty or not an ONNX model; the reference declares no
+            outputs; the models declare their inputs differently (names, dtypes, ranks); an option
+            is invalid (``error.option`` names it: `inputs` together with `shapes`, `samples` or
+            `seed`, `samples` < 1, `seed` < 0, a shape that does not fit, a provider onnxruntime
+            does not have, `quantized` for a model without QuantizeLinear); the inputs file cannot
+            be read or does not fit the models; onnxruntime cannot create a session for a model or
+            fails to run it.
+    """
     options = options or VerifyOptions()
     ref_model, ref_label = _load(reference, "reference")
     cand_model, cand_label = _load(candidate, "candidate")
@@ -157,10 +232,30 @@ def verify_models(reference: str | Path | onnx.ModelProto, candidate: str | Path
 
 def verify_against_reference(saved: str | Path, model: str | Path | onnx.ModelProto,
                              options: VerifyOptions | None = None) -> VerifyReport:
-    """Compare `model` with outputs saved by `bnfold export --reference` (an .npz file or folder).
+    """Check a model's outputs against saved reference outputs, e.g. float64 results from PyTorch.
 
-    Saved outputs are float64; the model's outputs are compared after an exact cast to float64, with
-    the tolerance of the model's output dtype.
+    Use it to measure a model (original or folded) against ground truth rather than against another
+    model: ``bnfold export --reference`` (:func:`bnfold.export_model` with `reference`) saves the
+    inputs it ran and the eval-mode float64 PyTorch outputs. The model runs on the saved inputs; its
+    outputs are cast exactly to float64 and compared with the saved ones under the tolerance of the
+    model's output dtype. A mismatch is a result, not an error.
+
+    Args:
+        saved: An ``.npz`` file, or a folder of them (one sample each), holding ``input:NAME`` and
+            ``output:NAME`` arrays.
+        model: The model to check: a file path, or a ModelProto used as it is.
+        options: A :class:`bnfold.VerifyOptions` of which only `atol`, `rtol` and `provider` apply
+            (the saved file gives the inputs); None (the default) means ``VerifyOptions()``.
+
+    Returns:
+        A :class:`bnfold.VerifyReport` (``against_saved_outputs`` true, ``reference`` the saved
+        path) that is true when every saved output matches.
+
+    Raises:
+        BnfoldError: `options` sets `inputs`, `shapes`, `samples`, `seed`, `bisect` or `quantized`
+            (``error.option`` names it); `saved` is missing, unreadable, or its arrays do not fit
+            the model's inputs; the model file is missing, empty or not an ONNX model; the provider
+            is not available; onnxruntime cannot create a session for the model or fails to run it.
     """
     options = options or VerifyOptions()
     given = options.given("inputs", "shapes", "samples", "seed", "bisect", "quantized")
