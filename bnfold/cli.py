@@ -90,6 +90,7 @@ def cmd_fold(args) -> int:
     _print_notes(_assumption_notes(o.report for o in outcomes if o.report is not None))
     _print_notes(dict.fromkeys(note for o in outcomes if o.report is not None
                                for note in getattr(o.report.verification, "notes", ())))
+    _print_notes(_unchanged_notes(outcomes))
     if bench is not None:
         _bench_folded(bench, [o for o in outcomes if o.error is None])
     if several:
@@ -100,6 +101,14 @@ def cmd_fold(args) -> int:
         if outcome.error is not None:
             print(f"bnfold: error: {with_flag(outcome.error).one_line()}", file=sys.stderr)
     return max(o.exit_code for o in outcomes)
+
+
+def _unchanged_notes(outcomes) -> list[str]:
+    """One note per model folded in place that was left as it was (nothing to change)."""
+    from .fold import left_as_it_is
+    return [f"{o.job.source}: nothing to change; the file was left as it was" for o in outcomes
+            if o.error is None and o.job.target is not None
+            and left_as_it_is(o.report, o.job.source, o.job.target, o.job.external_data)]
 
 
 def _fold_jobs(args) -> list:
@@ -321,6 +330,54 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=False)
 
 
+# --------------------------------------------------------------------------------------------- check
+def _add_check_parser(sub) -> None:
+    p = sub.add_parser("check", help="fail while a model has a BatchNormalization that fold would change (CI, "
+                                     "pre-commit)",
+                       description="Run the fold pipeline over each model as inspect does, writing nothing; exit "
+                                   "1 when bnfold fold would still fold a BatchNormalization (or lower one, with "
+                                   "--lower-standalone mul-add), listing them; exit 2 when a model cannot be read; "
+                                   "0 otherwise.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="ONNX model file(s), or folder(s): every *.onnx below a folder")
+    p.add_argument("--strict", action="store_true",
+                   help="also fail on a BatchNormalization left for any reason but --exclude-node")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--exclude-node", action="append", default=[], metavar="NAME",
+                   help="a BatchNormalization meant to stay (repeatable; the name must exist in at least one "
+                        "MODEL)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="check N models in parallel processes")
+    add_pass_arguments(p)
+    p.set_defaults(func=cmd_check)
+
+
+def cmd_check(args) -> int:
+    import json
+
+    from .checkcmd import CheckOptions, check_models, print_check, summary_line
+    from .passes.lower_standalone import check_lowering
+    if args.jobs < 1:
+        raise BnfoldError(f"must be at least 1, not {args.jobs}", option="jobs")
+    options = CheckOptions(tuple(args.exclude_node), args.assume_inference,
+                           check_lowering(args.lower_standalone), not args.no_reparameterize, args.strict)
+    several = len(args.models) > 1 or os.path.isdir(args.models[0])
+    if not args.json:
+        _import_tables()
+    run = check_models(args.models, options, jobs=args.jobs, raise_bugs=args.debug or not several)
+    _print_notes(_assumption_notes(o.report for o in run.outcomes if o.report is not None))
+    if args.json and (several or run.outcomes[0].report is not None):
+        print(json.dumps(run.document(several), indent=2))
+    elif not args.json:
+        print_check(run, _console())
+    sys.stdout.flush()  # the tables, then the errors, then the verdict: in this order in a CI log too
+    for outcome in run.outcomes:
+        if outcome.error is not None:
+            print(f"bnfold: error: {with_flag(outcome.error).one_line()}", file=sys.stderr)
+    if not args.json:
+        print(summary_line(run))
+    return run.exit_code
+
+
 # -------------------------------------------------------------------------------------------- verify
 def _add_verify_parser(sub) -> None:
     p = sub.add_parser(
@@ -427,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_fold_parser, _add_inspect_parser, _add_verify_parser, _add_bench_parser,
+    for add in (_add_fold_parser, _add_inspect_parser, _add_check_parser, _add_verify_parser, _add_bench_parser,
                 _add_export_parser):
         add(sub)
     return parser

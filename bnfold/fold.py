@@ -41,7 +41,7 @@ def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (), ass
     Args:
         model: The model to fold. It is copied first and never modified.
         exclude_nodes: Names of BatchNormalization nodes to leave as they are (reason
-            ``excluded-by-user``); a list or set of names, not one bare string. Default: none.
+            ``excluded-by-user``); a list or set of names (one bare string is refused). Default: none.
         assume_inference: If True, rewrite each BN exported in training mode to normalize with its
             running statistics (reason ``inference-assumed``), so it can fold. This changes what the
             model computes, so it is off by default.
@@ -71,6 +71,9 @@ def fold_model(model: onnx.ModelProto, *, exclude_nodes: Iterable[str] = (), ass
 def fold_options(exclude_nodes: Iterable[str] = (), assume_inference: bool = False,
                  lower_standalone: str = "keep", reparameterize: bool = True) -> FoldOptions:
     """FoldOptions, checked before any work (a bad value is a BnfoldError naming its option)."""
+    if isinstance(exclude_nodes, (str, bytes)):  # iterating it would exclude single characters
+        raise BnfoldError(f"takes a list of node names, not the string {exclude_nodes!r}", option="exclude_nodes",
+                          note=f"pass [{exclude_nodes!r}]")
     return FoldOptions(frozenset(exclude_nodes), bool(assume_inference), check_lowering(lower_standalone),
                        bool(reparameterize))
 
@@ -119,7 +122,7 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
             `input_path` itself (fold in place): a model that nothing changed is then not rewritten
             and keeps its bytes and mtime. None writes nothing, like `dry_run`.
         exclude_nodes: Names of BatchNormalization nodes to leave as they are; a list or set of
-            names, not one bare string. Default: none.
+            names (one bare string is refused). Default: none.
         assume_inference: If True, rewrite each BN exported in training mode to normalize with its
             running statistics, so it can fold; this changes what the model computes. Default False.
         lower_standalone: ``"keep"`` (the default) or ``"mul-add"``: as in :func:`fold_model`.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -11,6 +12,10 @@ from .graph import all_graphs
 from .passes.base import Decision, PassResult
 from .reasons import LOWERED, MEANINGS
 from .schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:  # verify and bench pull in onnxruntime: a fold imports them only when it uses them
+    from .bench import BenchReport
+    from .verify import VerifyReport
 
 __all__ = ["Decision", "FoldReport", "decisions_table", "models_table", "op_counts", "passes_table",
            "summary_table"]
@@ -44,8 +49,8 @@ class FoldReport:
     counts_before: dict[str, int] = field(default_factory=dict)
     counts_after: dict[str, int] = field(default_factory=dict)
     model: str | None = None
-    verification: object | None = None  # a bnfold.verify.VerifyReport when `--verify` ran
-    bench: object | None = None  # a bnfold.bench.BenchReport when `--bench` ran
+    verification: VerifyReport | None = None  # when `--verify` ran
+    bench: BenchReport | None = None  # when `--bench` ran
 
     @property
     def decisions(self) -> list[Decision]:

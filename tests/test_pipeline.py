@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import onnx
 from onnx import helper, numpy_helper
 
@@ -124,3 +125,17 @@ def test_rules_and_passes_use_only_registered_codes():
 
 def _table_rows(table) -> list[list[str]]:
     return [list(row) for row in zip(*(column._cells for column in table.columns))]
+
+
+@pytest.mark.parametrize("fold", ["model", "file"])
+def test_exclude_nodes_as_one_string_is_refused(rng, tmp_path, fold):
+    """A bare string would be iterated as characters and exclude nothing the caller meant."""
+    from bnfold import BnfoldError, fold_file
+    model = conv_bn(rng)
+    with pytest.raises(BnfoldError, match=r"takes a list of node names, not the string 'bn'") as caught:
+        if fold == "model":
+            fold_model(model, exclude_nodes="bn")
+        else:
+            onnx.save(model, tmp_path / "m.onnx")
+            fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx", exclude_nodes="bn")
+    assert caught.value.option == "exclude_nodes" and not (tmp_path / "out.onnx").exists()
