@@ -26,6 +26,7 @@ gives the input's shape. Sessions come from :mod:`bnfold.runtime`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -102,8 +103,8 @@ class BenchOptions:
                 raise BnfoldError(f"must be at least 1, got {value}", option=name)
         if self.warmup < 0:
             raise BnfoldError(f"must be 0 or more, got {self.warmup}", option="warmup")
-        if self.seconds is not None and not self.seconds > 0:
-            raise BnfoldError(f"must be more than 0, got {self.seconds:g}", option="seconds")
+        if self.seconds is not None and not 0 < self.seconds < math.inf:
+            raise BnfoldError(f"must be a finite number more than 0, got {self.seconds:g}", option="seconds")
         if not 0 < self.confidence < 1:
             raise BnfoldError("the confidence level must lie between 0 and 1", option="confidence")
         resolve_provider(self.provider)
@@ -482,7 +483,7 @@ def run_bench(baseline, candidate, options: BenchOptions, *, as_json: bool = Fal
     if options.plot:
         write_plot(report, options.plot)
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2), file=file or sys.stdout)
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False), file=file or sys.stdout)
     else:
         render_table(report, file=file)
     return report

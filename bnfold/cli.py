@@ -230,7 +230,7 @@ def _write_report(args, document) -> None:
     import json
     if args.report:
         from .io import write_text_atomic
-        write_text_atomic(args.report, json.dumps(document, indent=2) + "\n")
+        write_text_atomic(args.report, json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def _emit_one(args, report) -> None:
@@ -238,7 +238,7 @@ def _emit_one(args, report) -> None:
     import json
     _write_report(args, report.to_dict())
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
         return
     from .report import summary_table
     console = _console()
@@ -259,7 +259,7 @@ def _emit_many(args, outcomes, seconds: float) -> None:
     document = models_document(outcomes, seconds, args.jobs)
     _write_report(args, document)
     if args.json:
-        print(json.dumps(document, indent=2))
+        print(json.dumps(document, indent=2, allow_nan=False))
         return
     console = _console()
     console.print(models_table(document["models"]))
@@ -307,7 +307,7 @@ def cmd_inspect(args) -> int:
                        lower_standalone=args.lower_standalone, dry_run=True)
     _print_notes(_assumption_notes([report]))
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(), indent=2, allow_nan=False))
         return EXIT_OK
     console = _console()
     console.print(f"{args.input}: {report.total} BatchNormalization, {report.folded} foldable",
@@ -366,7 +366,7 @@ def cmd_check(args) -> int:
     run = check_models(args.models, options, jobs=args.jobs, raise_bugs=args.debug or not several)
     _print_notes(_assumption_notes(o.report for o in run.outcomes if o.report is not None))
     if args.json and (several or run.outcomes[0].report is not None):
-        print(json.dumps(run.document(several), indent=2))
+        print(json.dumps(run.document(several), indent=2, allow_nan=False))
     elif not args.json:
         print_check(run, _console())
     sys.stdout.flush()  # the tables, then the errors, then the verdict: in this order in a CI log too
