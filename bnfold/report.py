@@ -127,12 +127,14 @@ def summary_table(report: FoldReport):
 
 
 def decisions_table(report: FoldReport):
-    """A rich table with one row per BatchNormalization: neighbour, decision, why."""
-    table = _table("BatchNormalization", "neighbour", "decision", "detail")
+    """A rich table with one row per BatchNormalization: neighbour, decision, why, and the initializers
+    the fold rewrote (same name) or created (`+name`)."""
+    table = _table("BatchNormalization", "neighbour", "decision", "detail", "initializers")
     for d in report.decisions:
         neighbour = f"{d.neighbour_op} {d.neighbour}" if d.neighbour_op else "-"
         name = f"{d.graph}/{d.node}" if d.graph else d.node
-        table.add_row(name, neighbour, d.reason, d.detail or MEANINGS.get(d.reason, ""))
+        written = d.changes.initializers_rewritten + [f"+{n}" for n in d.changes.initializers_created]
+        table.add_row(name, neighbour, d.reason, d.detail or MEANINGS.get(d.reason, ""), ", ".join(written) or "-")
     return table
 
 

@@ -149,6 +149,7 @@ def test_inspect_shows_every_pass(capsys):
     sample = str(ROOT / "sample_models" / "resnet_small.onnx")
     assert main(["inspect", sample]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "│" in line]
+    assert any(re.search(r"│\s*stem\.0\.0\.weight, \+stem\.0\.0\.bias\s*│", row) for row in rows)  # names that map back
     assert any(re.search(r"fold-batchnorm\s*│\s*folded\s*│\s*20\b", row) for row in rows)
     assert any(re.search(r"remove-dead-code\s*│\s*removed\s*│\s*\d+\s*│.*Expand x40", row) for row in rows)
     assert main(["inspect", sample, "--json"]) == 0
