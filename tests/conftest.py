@@ -21,9 +21,12 @@ def rng():
 # Every JSON document bnfold builds in this process while the tests run is validated, as json.dumps
 # writes it, against bnfold/report.schema.json; one that does not match fails the test that built it
 # (docs/report.md, "Validating"). A document built inside another (a verification inside a fold
-# report, the model entries of a run over several) is checked as part of the outer one.
+# report, the model entries of a run over several, the report `bnfold check` adds its verdict to) is
+# checked as part of the outer one.
 class SchemaCheck:
     """Wraps the functions that build bnfold's JSON documents and validates what they return."""
+
+    CHECK = "check"  # CheckRun.document's kind: a fold_report or a models_document, with a "check" verdict
 
     def __init__(self):
         self.counts: Counter = Counter()  # documents validated, by kind
@@ -32,9 +35,10 @@ class SchemaCheck:
         self._wrapped: list[tuple[object, str, object]] = []
 
     def builders(self):
-        from bnfold import bench, foldcmd, report, verify
+        from bnfold import bench, checkcmd, foldcmd, report, verify
         return ((report.FoldReport, "to_dict", "fold_report"), (foldcmd, "models_document", "models_document"),
-                (verify.VerifyReport, "to_dict", "verify_report"), (bench.BenchReport, "to_dict", "bench_report"))
+                (verify.VerifyReport, "to_dict", "verify_report"), (bench.BenchReport, "to_dict", "bench_report"),
+                (checkcmd.CheckRun, "document", self.CHECK))
 
     def install(self) -> None:
         for owner, name, kind in self.builders():
@@ -71,9 +75,19 @@ class SchemaCheck:
             self.failures.append(f"{kind}: cannot be written as JSON: {error}")
             return
         try:
-            validate(written, kind)
+            validate(written, self._schema_kind(written, kind))
         except BnfoldError as error:
             self.failures.append(str(error))
+
+    def _schema_kind(self, document: dict, kind: str) -> str:
+        """The schema definition a document of `kind` must meet. The schema cannot tell a check document
+        from the report it extends, where "check" is optional: here it is required."""
+        from bnfold.errors import BnfoldError
+        if kind != self.CHECK:
+            return kind
+        if "check" not in document:
+            raise BnfoldError('bnfold check\'s document has no "check" verdict')
+        return "models_document" if "models" in document else "fold_report"
 
     def take_failures(self) -> list[str]:
         failures, self.failures = self.failures, []

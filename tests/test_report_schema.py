@@ -21,10 +21,10 @@ from onnx import numpy_helper
 import bnfold
 from bnfold import schema
 from bnfold.bench import BenchOptions, BenchReport, LevelResult, ModelTiming
+from bnfold.checkcmd import CheckOptions, CheckRun, check_models
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
 from bnfold.passes import PIPELINE
-from bnfold.passes.base import Decision, PassResult
 from bnfold.reasons import MEANINGS
 from bnfold.report import FoldReport
 from bnfold.rules import RULES
@@ -165,6 +165,26 @@ def test_bench(model_file, capsys):
     assert document["settings"]["runs"] == 3 and document["settings"]["seconds"] is None
 
 
+def test_check_of_one_model_failing_then_folded_and_passing(model_file, tmp_path, capsys):
+    document = _valid(_json(capsys, "check", model_file, "--json", code=1), "fold_report")
+    assert document["check"]["failing"] == 1 and document["check"]["exit_code"] == 1
+    folded = tmp_path / "folded.onnx"
+    assert main(["fold", str(model_file), "-o", str(folded)]) == 0
+    capsys.readouterr()
+    document = _valid(_json(capsys, "check", folded, "--json", "--strict"), "fold_report")
+    assert document["check"]["passed"] and document["check"]["exit_code"] == 0
+
+
+def test_check_of_a_folder_with_a_failing_a_passing_and_an_unreadable_model(model_file, tmp_path, capsys):
+    assert main(["fold", str(model_file), "-o", str(tmp_path / "folded.onnx")]) == 0
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    capsys.readouterr()
+    document = _valid(_json(capsys, "check", tmp_path, "--json", "--lower-standalone", "mul-add", code=2),
+                      "models_document")
+    assert [entry.get("check", {}).get("passed") for entry in document["models"]] == [None, True, False]
+    assert document["check"]["models_unreadable"] == 1 and document["summary"]["exit_code"] == 2
+
+
 # --------------------------------------------------------------------------- wrong documents fail
 @pytest.fixture(scope="module")
 def fold_document() -> dict:
@@ -242,6 +262,58 @@ def test_a_models_entry_and_a_verification_are_checked_too(fold_document):
         validate(wrong)
 
 
+@pytest.fixture(scope="module")
+def check_documents() -> dict[str, dict]:
+    """bnfold check's documents, by the definition they are: one model that fails; it and a model that
+    passes."""
+    models = [str(SAMPLES / "resnet_small.onnx"), str(SAMPLES / "repvgg_small_deploy.onnx")]
+    return {"fold_report": check_models(models[:1], CheckOptions()).document(several=False),
+            "models_document": check_models(models, CheckOptions()).document(several=True)}
+
+
+def _edits(*edits):
+    def edit(document):
+        for each in edits:
+            each(document)
+    return edit
+
+
+@pytest.mark.parametrize("kind, edit, where, message", [
+    ("fold_report", _drop("check.failing"), "$.check", "'failing' is a required property"),
+    ("fold_report", _drop("check.exit_code"), "$.check", "'exit_code' is a required property"),
+    ("fold_report", _set("check.extra", 0), "$.check", "('extra' was unexpected)"),
+    ("fold_report", _set("check.models_failing", 1), "$.check", "('models_failing' was unexpected)"),
+    ("fold_report", _set("check.foldable", -1), "$.check.foldable", "-1 is less than the minimum of 0"),
+    ("fold_report", _set("check.strict", "no"), "$.check.strict", "'no' is not of type 'boolean'"),
+    ("fold_report", _set("check.exit_code", 4), "$.check.exit_code", "4 is not one of the 6 values"),
+    ("fold_report", _set("check.passed", True), "$.check.failing", "0 was expected"),
+    ("fold_report", _set("check.exit_code", 0), "$.check.exit_code", "0 should not be valid"),
+    ("models_document", _drop("check.models_unreadable"), "$.check", "'models_unreadable' is a required"),
+    ("models_document", _set("check.extra", 0), "$.check", "('extra' was unexpected)"),
+    ("models_document", _set("check.passed", True), "$.check.models_failing", "0 was expected"),
+    ("models_document", _edits(_set("check.passed", True), _set("check.failing", 0), _set("check.models_failing", 0),
+                               _set("check.foldable", 0)), "$.check.exit_code", "0 was expected"),
+    ("models_document", _drop("models.0.check.strict"), "$.models[0].check", "'strict' is a required property"),
+    ("models_document", _set("models.0.check.exit_code", 1), "$.models[0].check", "('exit_code' was unexpected)"),
+    ("models_document", _set("models.1.check.passed", False), "$.models[1].check.failing",
+     "0 is less than the minimum of 1"),
+    ("models_document", _drop("models.0.check"), "$.models[0]", "'check' is a required property"),
+    ("models_document", _edits(_set("models.0.status", "error"), _set("models.0.exit_code", 2),
+                               _set("models.0.error", "x")), "$.models[0].check", "should not be valid under {}"),
+    ("models_document", _drop("check"), "$.models[1].check", "should not be valid under {}"),
+])
+def test_a_wrong_check_verdict_is_refused_naming_the_field(check_documents, kind, edit, where, message):
+    """The check object is as strict as the rest: every key, no other, and passed agreeing with the counts
+    and the exit code; a model entry has one exactly when the document has one and the model was read."""
+    document = copy.deepcopy(check_documents[kind])
+    validate(document)
+    edit(document)
+    with pytest.raises(BnfoldError) as refused:
+        validate(document)
+    text = str(refused.value)
+    assert f"not a valid bnfold {kind} (schema version 1): at {where}: " in text and message in text, text
+
+
 def test_validate_refuses_what_is_not_a_report():
     with pytest.raises(BnfoldError, match="a bnfold report is a JSON object, not list"):
         validate([])
@@ -311,6 +383,22 @@ def test_a_document_built_inside_another_is_checked_as_part_of_it(report_schema_
     failures = report_schema_check.take_failures()
     assert report_schema_check.counts - before == Counter(fold_report=1)
     assert len(failures) == 1 and "at $.verification.provider: None is not of type 'string'" in failures[0]
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_a_check_document_is_checked_whole_once_it_has_its_verdict(report_schema_check, monkeypatch, several):
+    """CheckRun.document is checked as a document of its own, after it added its verdict: the report
+    inside it is not checked alone (it has no verdict yet), a wrong verdict fails, and so does none."""
+    run = check_models([str(SAMPLES / "resnet_small.onnx")], CheckOptions())
+    before = Counter(report_schema_check.counts)
+    run.document(several)
+    assert report_schema_check.counts - before == Counter(check=1) and report_schema_check.take_failures() == []
+    monkeypatch.setattr(CheckRun, "_verdict", lambda self: {"passed": True})
+    run.document(several)
+    (failure,) = report_schema_check.take_failures()
+    assert "at $.check: 'strict' is a required property" in failure
+    report_schema_check.check(run.outcomes[0].report.to_dict(), "check")
+    assert report_schema_check.take_failures() == ['bnfold check\'s document has no "check" verdict']
 
 
 def test_a_number_json_cannot_carry_fails(report_schema_check):
