@@ -32,7 +32,7 @@ class ChangeLog:
     def __init__(self) -> None:
         self._events: list[tuple[str, str, str]] = []  # (kind, name, op type of a node)
 
-    def record(self, kind: str, name: str, op_type: str = "") -> None:
+    def record(self, kind: str, name: str, op_type: str) -> None:
         self._events.append((kind, name, op_type))
 
     @contextmanager

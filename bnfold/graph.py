@@ -288,7 +288,7 @@ class GraphIndex:
         if self.context.ir_version < 4 and self.parent is None:
             self.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
             self.inputs.add(name)
-        self.context.changes.record(CREATED, name)
+        self.context.changes.record(CREATED, name, "")
         return name
 
     def replace_initializer(self, name: str, values: np.ndarray) -> None:
@@ -296,7 +296,7 @@ class GraphIndex:
         keeps its name, so it still maps to the weight it came from."""
         self._fill(self.initializers[name], values, name)
         self.constants.forget(name)
-        self.context.changes.record(REWRITTEN, name)
+        self.context.changes.record(REWRITTEN, name, "")
 
     def _fill(self, tensor: onnx.TensorProto, values: np.ndarray, name: str) -> None:
         """fill_tensor, but a main-graph weight of a mapped model past its memory budget goes to its

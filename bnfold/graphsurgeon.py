@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .errors import BnfoldError, first_line
 from .fold import fold_in_place, fold_options
-from .io import check_model
+from .io import check_weightless
 from .report import FoldReport
 
 if TYPE_CHECKING:
@@ -33,7 +33,8 @@ def fold_graph(graph: onnx_graphsurgeon.Graph, *, exclude_nodes: Iterable[str] =
     """Fold every BatchNormalization of an onnx-graphsurgeon graph that folds exactly, in place.
 
     For pipelines that build or edit graphs with onnx-graphsurgeon (TensorRT's): the graph is exported
-    with ``gs.export_onnx``, checked with onnx's full checker, folded exactly as :func:`fold_file`
+    with ``gs.export_onnx``, checked as :func:`fold_file` checks a file (onnx's full checker, run on a
+    copy without the large weights, which bnfold checks itself), folded exactly as :func:`fold_file`
     folds that model, and imported back into the caller's Graph object, which is then the folded
     graph, as after graphsurgeon's own ``cleanup()``. Its name, doc string, opset, import list, IR
     version and producer stay as they were; its nodes and tensors are new objects, so look up again
@@ -62,11 +63,11 @@ def fold_graph(graph: onnx_graphsurgeon.Graph, *, exclude_nodes: Iterable[str] =
     Raises:
         BnfoldError: onnx-graphsurgeon is not installed; `graph` is not an onnx_graphsurgeon Graph
             (for a ModelProto, use :func:`fold_model`); a graph input or output has no shape;
-            graphsurgeon cannot export the graph; onnx's full checker rejects the export (nodes out
-            of order, an op onnx does not know in its own domain...) or cannot check it in memory
-            (2 GiB or more); `lower_standalone` is not ``"keep"`` or ``"mul-add"``, or
-            `exclude_nodes` names a node that is not a BatchNormalization of the graph
-            (``error.option`` names the parameter). The graph is then unchanged.
+            graphsurgeon cannot export the graph; onnx's full checker would reject the export (nodes
+            out of order, an op onnx does not know in its own domain, a weight whose values do not
+            match its shape or whose type disagrees with one declared for it...); `lower_standalone`
+            is not ``"keep"`` or ``"mul-add"``, or `exclude_nodes` names a node that is not a
+            BatchNormalization of the graph (``error.option`` names the parameter). The graph is then unchanged.
     """
     gs = _graphsurgeon()
     _require_graph(graph, gs)
@@ -118,12 +119,9 @@ def _export(graph, gs) -> onnx.ModelProto:
         if domains is not None:
             del domains[count:]
     try:
-        check_model(model)
+        check_weightless(model)
     except BnfoldError as exc:
         raise BnfoldError(f"graph {graph.name!r}: {exc.message}", note=CHECK_NOTE) from exc
-    except ValueError as exc:  # a model of 2 GiB or more, which onnx checks only as a file
-        raise BnfoldError(f"graph {graph.name!r}: the ONNX checker cannot check it: {first_line(exc)}",
-                          note="save it with external data and fold the file with bnfold.fold_file") from exc
     return model
 
 

@@ -10,6 +10,7 @@ regular file that is replaced keeps its mode; a symlink at the target is replace
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import stat
@@ -25,10 +26,13 @@ from .graph import all_graphs
 from .external import DataFile, attach, bare, data_file_name
 from .mapped import (STUB_TYPES, MappedFile, declared_mismatch, has_record, is_stub, load_mapped, payload_mismatch,
                      weightless)
-from .wire import GRAPH, INITIALIZER, RAW_DATA, copy_field, record, record_prefix, tensor_payload_bytes
+from .wire import (GRAPH, INITIALIZER, RAW_DATA, VALUE_FIELDS, copy_field, record, record_prefix,
+                   tensor_payload_bytes)
 
 PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
 OWN_CHECK = "bnfold's check of the mapped weights"  # the checker's rules on what its weightless copy lacks
+WEIGHTS_CHECK = "bnfold's check of the weights"  # the same, of a model in memory
+WEIGHTLESS_BYTES = 4096  # initializers of the main graph up to this size stay in the checker's weightless copy
 
 
 def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
@@ -50,9 +54,8 @@ def open_model(path: str | os.PathLike, scratch_dir: str | os.PathLike | None = 
     weights past a memory budget wait in an unnamed scratch file in `scratch_dir` (default: the
     system's temporary folder).
 
-    The checker then runs on a weightless copy (bnfold.mapped.weightless) and bnfold checks each
-    stub's payload size itself: the same verdict as checking the file, without a second copy of the
-    weights in memory."""
+    The model is checked by check_weightless: the same verdict as checking the file, without a
+    second copy of the weights in memory."""
     path = Path(path)
     _validate_file(path, check=False)
     try:
@@ -64,38 +67,69 @@ def open_model(path: str | os.PathLike, scratch_dir: str | os.PathLike | None = 
         return load_model(path), None
     try:
         attach(model, path, source)
-        _check_mapped(model, path)
-        _check_names(model, path)
+        check_weightless(model, path, by=OWN_CHECK)
     except BaseException:
         source.close()
         raise
     return model, source
 
 
-def _check_mapped(model: onnx.ModelProto, path: Path) -> None:
-    """The checker's verdict on a mapped model: onnx's checker on its weightless copy, and bnfold's own
-    check (the checker's rules) of what that copy lacks: payload sizes, IR 3's listing of
-    initializers as inputs, declared types of the mapped weights."""
-    raw = [t for t in model.graph.initializer
-           if t.data_type in STUB_TYPES and (is_stub(t) or t.HasField("raw_data"))]
-    problem = next(filter(None, map(payload_mismatch, raw)), None)
-    stubs = [t for t in model.graph.initializer if is_stub(t)]
-    if problem is None and model.ir_version < 4:
-        inputs = {v.name for v in model.graph.input}
-        problem = next((f"{t.name} in initializer but not in graph input" for t in stubs if t.name not in inputs), None)
-    if problem is None:
-        declared = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
-        problem = next(filter(None, (declared_mismatch(t, declared[t.name]) for t in stubs if t.name in declared)),
-                       None)
+def check_weightless(model: onnx.ModelProto, path: Path | None = None, by: str = WEIGHTS_CHECK) -> None:
+    """onnx's full checker's verdict on `model` (mapped or in memory) without a second copy of its
+    weights: onnx's checker on its weightless copy (bnfold.mapped.weightless), and bnfold's own check,
+    by the checker's rules, of what that copy lacks (`by` names it in the error): the main graph's
+    large initializers, declared there as inputs; then bnfold's refusal of names that are not UTF-8
+    text. Raise BnfoldError, prefixed with `path` if given. onnx's checker on the whole model would
+    serialize it and parse that again: two more copies."""
+    problem = _unseen_problem(model)
     if problem is not None:
-        raise _rejected(path, problem, by=OWN_CHECK)
+        raise _rejected(path, problem, by=by)
     try:
-        onnx.checker.check_model(weightless(model), full_check=True)
+        onnx.checker.check_model(weightless(model, WEIGHTLESS_BYTES), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         raise _rejected(path, first_line(exc)) from exc  # ValueError: an unknown data type, a name not UTF-8...
+    _check_names(model, path)
 
 
-def _check_names(model: onnx.ModelProto, path: Path) -> None:
+def _unseen_problem(model: onnx.ModelProto) -> str | None:
+    """What onnx's checker would say of the tensors its weightless copy declares as inputs (`unseen`):
+    each one's values, its listing among the graph inputs before IR 4, and the types declared for
+    it; also of every raw_data size, which the checker refuses only if too short. None if all is well."""
+    graph = model.graph
+    unseen = {t.name: t for t in graph.initializer if is_stub(t) or tensor_payload_bytes(t) > WEIGHTLESS_BYTES}
+    inputs = {v.name for v in graph.input}
+    problems = itertools.chain(
+        (payload_mismatch(t) for t in graph.initializer if is_stub(t) or _raw(t)),
+        map(_values_problem, unseen.values()),
+        (f"{name} in initializer but not in graph input" for name in unseen
+         if model.ir_version < 4 and name not in inputs),
+        (declared_mismatch(unseen[v.name], v) for v in (*graph.input, *graph.value_info, *graph.output)
+         if v.name in unseen))
+    return next(filter(None, problems), None)
+
+
+def _raw(tensor: onnx.TensorProto) -> bool:
+    """A tensor whose values are a plain array in raw_data, sized by payload_mismatch."""
+    return (tensor.data_type in STUB_TYPES and tensor.HasField("raw_data")
+            and tensor.data_location != onnx.TensorProto.EXTERNAL)
+
+
+def _values_problem(tensor: onnx.TensorProto) -> str | None:
+    """The checker's verdict on one tensor it does not see. A raw or mapped array, whose size
+    payload_mismatch checked, must hold no other value field; any other tensor goes to the checker
+    itself (one tensor copied at a time)."""
+    if is_stub(tensor) or _raw(tensor):
+        others = any(len(getattr(tensor, name)) for name in VALUE_FIELDS[1:])
+        return f"TensorProto (tensor name: {tensor.name}) should contain one and only one value field." \
+            if others else None
+    try:
+        onnx.checker.check_tensor(tensor)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        return first_line(exc)
+    return None
+
+
+def _check_names(model: onnx.ModelProto, path: Path | None) -> None:
     """Refuse a name that is not UTF-8 text: protobuf hands it over as bytes, which no report, table or
     JSON can show, and onnx's checker does not look at node and value names."""
     for graph in all_graphs(model.graph):
@@ -108,10 +142,11 @@ def _check_names(model: onnx.ModelProto, path: Path) -> None:
             raise _rejected(path, f"the name {bad!r} is not UTF-8 text", by="bnfold")
 
 
-def _rejected(path: Path, reason: str, by: str = "the ONNX checker") -> BnfoldError:
-    """A model refused by `by`: onnx's checker, or bnfold's own check of the weights the checker
-    does not see (OWN_CHECK), which applies the checker's rules."""
-    return BnfoldError(f"{path}: {by} rejects this model: {reason}",
+def _rejected(path: Path | None, reason: str, by: str = "the ONNX checker") -> BnfoldError:
+    """A model (at `path`, or in memory) refused by `by`: onnx's checker, or bnfold's own check of
+    the weights the checker does not see, which applies the checker's rules."""
+    return BnfoldError(f"{path}: {by} rejects this model: {reason}" if path is not None else
+                       f"{by} rejects this model: {reason}",
                        note="bnfold only rewrites models that onnx.checker.check_model accepts")
 
 

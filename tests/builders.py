@@ -196,3 +196,17 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def if_model(rng) -> onnx.ModelProto:
+    """A BN inside an If branch, reading a Conv weight of the outer graph."""
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(True), "cond")]
+    inits += bn_initializers(bn_stats(rng, 4), np.float32)
+    then_nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv_then"), bn_node("c", "t_out")]
+    then_graph = helper.make_graph(then_nodes, "then", [], [tensor("t_out", np.float32, [1, 4, 5, 5])])
+    else_graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["e_out"], name="conv_else")], "else",
+                                   [], [tensor("e_out", np.float32, [1, 4, 5, 5])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_graph, else_branch=else_graph)]
+    return make_model(nodes, [tensor("x", np.float32, [1, 3, 5, 5])], [tensor("y", np.float32, [1, 4, 5, 5])],
+                      inits)

@@ -42,16 +42,16 @@ def _initializers(model) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------ the log
 def test_capture_holds_only_the_edits_inside_it():
     log = ChangeLog()
-    log.record(REWRITTEN, "before")
+    log.record(REWRITTEN, "before", "")
     with log.capture() as changes:
-        log.record(CREATED, "new")
-        log.record(REWRITTEN, "new")  # created, then written again: created
-        log.record(REWRITTEN, "w")
-        log.record(REWRITTEN, "w")
+        log.record(CREATED, "new", "")
+        log.record(REWRITTEN, "new", "")  # created, then written again: created
+        log.record(REWRITTEN, "w", "")
+        log.record(REWRITTEN, "w", "")
         log.record(NODE_REMOVED, "bn", "BatchNormalization")
         log.record(NODE_ADDED, "tmp", "Add")
         log.record(NODE_REMOVED, "tmp", "Add")  # added and removed again: neither
-    log.record(REWRITTEN, "after")
+    log.record(REWRITTEN, "after", "")
     assert asdict(changes) == {"initializers_rewritten": ["w"], "initializers_created": ["new"],
                                "nodes_removed": [{"name": "bn", "op_type": "BatchNormalization"}],
                                "nodes_added": []}
@@ -232,3 +232,16 @@ def test_folded_weights_map_to_the_fused_torch_model_by_name(tmp_path, exporter)
         np.testing.assert_allclose(folded[name], fused[name], rtol=1e-5, atol=1e-6, err_msg=name)
     convs = [k for k in fused if k.endswith((".weight", ".bias")) and fused[k].ndim in (1, 4) and k in folded]
     assert set(touched) <= set(convs)
+
+
+def test_a_computed_weight_is_replaced_by_an_initializer_named_after_it(rng):
+    """A weight from a Constant node is no initializer to overwrite: the folded one is created as
+    `<name>_bnfold`, and the bias, still named after the weight's own name, `conv1.bias`."""
+    model = _conv_bn(rng)
+    weight = model.graph.initializer[0]
+    del model.graph.initializer[0]
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["conv1.weight"], name="w", value=weight))
+    folded, report = fold_model(model)
+    assert list(folded.graph.node[0].input) == ["x", "conv1.weight_bnfold", "conv1.bias"]
+    assert _changes(report)[0]["initializers_created"] == ["conv1.bias", "conv1.weight_bnfold"]
+    assert_same_function(model, folded)

@@ -16,9 +16,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import bnfold
+from bnfold.io import check_weightless
 from bnfold.report import op_counts
-from tests.builders import (assert_same_function, bn_initializers, bn_node, bn_stats, conv_bn, make_model,
-                            random_feeds, run_ort, tensor)
+from tests.builders import assert_same_function, conv_bn, if_model, random_feeds, run_ort
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 REPVGG_BN = "node__native_batch_norm_legit_no_training_3__0"  # one of repvgg_small's
@@ -97,20 +97,6 @@ def test_options_reach_the_pipeline(rng):
     report = bnfold.fold_graph(graph, assume_inference=True)
     assert report.folded == 1
     assert [n.op for n in graph.nodes] == ["Conv"]
-
-
-def if_model(rng) -> onnx.ModelProto:
-    """A BN inside an If branch, reading a Conv weight of the outer graph."""
-    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W"),
-             numpy_helper.from_array(np.array(True), "cond")]
-    inits += bn_initializers(bn_stats(rng, 4), np.float32)
-    then_nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv_then"), bn_node("c", "t_out")]
-    then_graph = helper.make_graph(then_nodes, "then", [], [tensor("t_out", np.float32, [1, 4, 5, 5])])
-    else_graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["e_out"], name="conv_else")], "else",
-                                   [], [tensor("e_out", np.float32, [1, 4, 5, 5])])
-    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_graph, else_branch=else_graph)]
-    return make_model(nodes, [tensor("x", np.float32, [1, 3, 5, 5])], [tensor("y", np.float32, [1, 4, 5, 5])],
-                      inits)
 
 
 def test_bn_in_a_subgraph(rng):
@@ -259,17 +245,55 @@ def test_a_shapeless_input_or_output_is_named_and_the_graph_is_unchanged(kind, n
     assert graph_state(graph) == state
 
 
-def test_a_graph_too_large_to_check_in_memory_is_refused(monkeypatch):
-    """onnx checks a model of 2 GiB or more only as a file: its ValueError, simulated."""
-    def too_large(model, full_check=False):
-        raise ValueError("This protobuf of onnx model is too large (>2GiB). Call check_model with model path instead.")
-    monkeypatch.setattr(onnx.checker, "check_model", too_large)
-    graph = imported("resnet_small")
+# The checker runs on a copy without the large weights, as for a file (bnfold.io.check_weightless):
+# bnfold checks those itself. graphsurgeon exports an imported weight as the TensorProto it was.
+STEM = "stem.0.0.weight"  # resnet_small's first Conv weight: 4704 bytes, left out of the checker's copy
+
+
+def _float_data(tensor: onnx.TensorProto) -> None:
+    """The same values in float_data, one short."""
+    values = numpy_helper.to_array(tensor).ravel()[:-1]
+    tensor.ClearField("raw_data")
+    tensor.float_data.extend(values.tolist())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: setattr(t, "raw_data", t.raw_data[:-4]), "raw_data size (4700 bytes) does not match the declared "
+                                                        "shape and type (4704 bytes)"),
+    (lambda t: setattr(t, "raw_data", t.raw_data + bytes(4)), "raw_data size (4708 bytes) does not match"),
+    (lambda t: t.float_data.append(1.0), "should contain one and only one value field"),
+    (_float_data, "float_data size (1175) is too small for the declared shape"),
+], ids=["raw-data-short", "raw-data-long", "raw-data-and-float-data", "float-data-short"])
+def test_weights_whose_values_do_not_match_their_shape_are_refused(change, message):
+    """onnx's own checker refuses each but raw_data too long, which bnfold refuses in a file too."""
+    model = onnx.load(SAMPLES / "resnet_small.onnx")
+    change(next(t for t in model.graph.initializer if t.name == STEM))
+    if "4708" not in message:
+        with pytest.raises(onnx.checker.ValidationError):
+            onnx.checker.check_model(model, full_check=True)
+    graph = gs.import_onnx(model)
     state = graph_state(graph)
-    with pytest.raises(bnfold.BnfoldError, match="too large") as caught:
+    with pytest.raises(bnfold.BnfoldError) as caught:
         bnfold.fold_graph(graph)
-    assert "bnfold.fold_file" in caught.value.one_line()
-    assert graph_state(graph) == state
+    line = caught.value.one_line()
+    assert line.startswith("graph 'main_graph': bnfold's check of the weights rejects this model: "
+                           f"TensorProto (tensor name: {STEM})") and message in line, line
+    assert "\n" not in line and graph_state(graph) == state
+
+
+@pytest.mark.parametrize("declared_in", ["value_info", "output", "input"])
+def test_a_type_declared_for_a_weight_is_compared_with_it(declared_in):
+    """graphsurgeon declares a weight with its own type, so this is the check on a model: a value_info,
+    graph output or graph input (IR 4+) of a weight's name, as float16 where the weight is float32."""
+    model = onnx.load(SAMPLES / "resnet_small.onnx")
+    getattr(model.graph, declared_in).append(helper.make_tensor_value_info(STEM, onnx.TensorProto.FLOAT16,
+                                                                           [8, 3, 7, 7]))
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+        onnx.checker.check_model(model, full_check=True)
+    with pytest.raises(bnfold.BnfoldError, match="^bnfold's check of the weights rejects this model: "
+                       r"\[TypeInferenceError\] Inferred elem type differs from existing elem type: \(1\) vs "
+                       rf"\(10\) for {STEM}$"):
+        check_weightless(model)
 
 
 @pytest.mark.parametrize("argument, expected", [

@@ -7,8 +7,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.fold import fold_model
-from tests.builders import (assert_same_function, bn_initializers, bn_node, bn_stats, conv_bn, make_model,
-                            run_ort, tensor)
+from tests.builders import (assert_same_function, bn_initializers, bn_node, bn_stats, conv_bn, if_model,
+                            make_model, run_ort, tensor)
 
 
 def shared_weight_model(rng) -> onnx.ModelProto:
@@ -90,15 +90,7 @@ def test_checker_passes_and_output_is_deterministic_and_idempotent(rng):
 def test_bn_inside_if_branch_reading_outer_weights(rng):
     """A BN in a subgraph is folded; the outer initializer it reads is copied, not changed
     (design.md, Invariants 4)."""
-    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W"),
-             numpy_helper.from_array(np.array(True), "cond")]
-    inits += bn_initializers(bn_stats(rng, 4), np.float32)
-    then_nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv_then"), bn_node("c", "t_out")]
-    then_graph = helper.make_graph(then_nodes, "then", [], [tensor("t_out", np.float32, [1, 4, 5, 5])])
-    else_graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["e_out"], name="conv_else")], "else",
-                                   [], [tensor("e_out", np.float32, [1, 4, 5, 5])])
-    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_graph, else_branch=else_graph)]
-    model = make_model(nodes, [tensor("x", np.float32, [1, 3, 5, 5])], [tensor("y", np.float32, [1, 4, 5, 5])], inits)
+    model = if_model(rng)
     folded, report = fold_model(model)
     assert report.folded == 1 and report.decisions[0].graph == "if:then_branch"
     then_branch = next(a.g for a in folded.graph.node[0].attribute if a.name == "then_branch")

@@ -265,3 +265,30 @@ def test_errors_the_checker_raises_as_value_errors_are_refusals(tmp_path, big_mo
     assert "the ONNX checker rejects this model: Invalid tensor data type 99" in err
     with pytest.raises(BnfoldError, match="the ONNX checker rejects this model: Invalid tensor data type 99"):
         load_model(tmp_path / "bad.onnx")  # the file checker raises it too
+
+
+def _large(name: str, data_type: int, dims: list[int], **fields) -> onnx.TensorProto:
+    """An initializer past the weightless copy's size limit: the checker never sees it, bnfold does."""
+    tensor = onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+    for field, values in fields.items():
+        if field == "raw_data":
+            tensor.raw_data = values
+        else:
+            getattr(tensor, field).extend(values)
+    return tensor
+
+
+@pytest.mark.parametrize("tensor", [
+    _large("count", TensorProto.INT64, [5001], int64_data=range(5000)),
+    _large("short8", TensorProto.FLOAT8E4M3FN, [5000], raw_data=bytes(4999)),
+    _large("typed", TensorProto.FLOAT, [2000], float_data=[0.0] * 1999),
+    _large("both", TensorProto.FLOAT, [2000], raw_data=bytes(8000), float_data=[1.0]),
+], ids=["int64-count", "float8-raw-short", "float-count", "raw-and-typed"])
+def test_a_large_initializer_the_file_checker_refuses_is_refused(tmp_path, big_model, capsys, tensor):
+    """A tensor kept out of the checker's weightless copy is checked by bnfold by the checker's rules:
+    the same verdict as onnx.checker on the file."""
+    big_model.graph.initializer.append(tensor)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(big_model, full_check=True)
+    err = _refusal(tmp_path, big_model.SerializeToString(), capsys)
+    assert tensor.name in err
