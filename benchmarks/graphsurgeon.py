@@ -279,8 +279,6 @@ def _log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if str(HERE) not in sys.path:  # loaded by path (the tests): tools.py and machine.py are imported by name
-        sys.path.insert(1, str(HERE))
     if argv[:1] == ["--child"]:
         print(json.dumps(run_step(*argv[1:])))
         return 0

@@ -73,15 +73,16 @@ def variants(source: Path, work: Path) -> dict[str, Path]:
 
 
 def depthwise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Each Mul + Add pair of --lower-standalone mul-add (constants `*_scale_bnfold`, `*_shift_bnfold`
-    of shape [C, 1, ..., 1]) as one 1x1 depthwise Conv with the same constants."""
+    """Each Mul + Add pair of --lower-standalone mul-add (nodes `<bn>_mul`, `<bn>_add`, constants of
+    shape [C, 1, ..., 1]) as one 1x1 depthwise Conv with the same constants."""
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     readers = {name: node for node in graph.node for name in node.input}
     for position, mul in reversed(list(enumerate(graph.node))):
-        if mul.op_type != "Mul" or not mul.input[1].endswith("_scale_bnfold"):
+        add = readers.get(mul.output[0])
+        if mul.op_type != "Mul" or not mul.name.endswith("_mul") or add is None \
+                or add.name != f"{mul.name[:-len('_mul')]}_add":
             continue
-        add = readers[mul.output[0]]
         scale = numpy_helper.to_array(constants[mul.input[1]])
         shift = numpy_helper.to_array(constants[add.input[1]])
         constants[mul.input[1]].CopyFrom(numpy_helper.from_array(scale.reshape(len(scale), 1, *scale.shape[1:]),

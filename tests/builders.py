@@ -189,8 +189,12 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 
 def load_benchmark(name: str):
     """benchmarks/NAME.py as a module: benchmarks/ is a folder of scripts, not a package, so the file is
-    loaded by path under a private name."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    loaded by path under a private name, with the folder on sys.path as a script run has it (the
+    scripts import machine.py and tools.py by name)."""
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    path = folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_benchmarks_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

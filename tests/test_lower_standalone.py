@@ -314,3 +314,14 @@ def test_the_summary_counts_the_lowered_bns():
     assert "of those, lowered to Mul + Add │        8" in console.export_text()
     _, kept = fold_model(onnx.load(sample))
     assert kept.to_dict()["lowered"] == 0
+
+
+def test_the_benchmark_turns_each_lowered_pair_into_a_depthwise_conv(rng):
+    """benchmarks/lower_standalone.py measures a third form, a 1x1 depthwise Conv built from the
+    Mul + Add this pass writes: it must find every pair and compute the same."""
+    from tests.builders import load_benchmark
+    model = relu_bn(rng)
+    lowered, _ = lower(model)
+    conv = load_benchmark("lower_standalone").depthwise(lowered)
+    assert op_types(conv) == ["Conv", "Relu", "Conv"]
+    assert_computes(model, conv)
