@@ -21,6 +21,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from .dtypes import to_array
 from .errors import BnfoldError, first_line, signals_deferred
 from .graph import all_graphs
 from .external import DataFile, attach, bare, data_file_name
@@ -88,6 +89,9 @@ def check_weightless(model: onnx.ModelProto, path: Path | None = None, by: str =
         onnx.checker.check_model(weightless(model, WEIGHTLESS_BYTES), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         raise _rejected(path, first_line(exc)) from exc  # ValueError: an unknown data type, a name not UTF-8...
+    problem = next(filter(None, map(_count_problem, _unsized_tensors(model))), None)
+    if problem is not None:
+        raise _rejected(path, problem, by=by)
     _check_names(model, path)
 
 
@@ -106,6 +110,27 @@ def _unseen_problem(model: onnx.ModelProto) -> str | None:
         (declared_mismatch(unseen[v.name], v) for v in (*graph.input, *graph.value_info, *graph.output)
          if v.name in unseen))
     return next(filter(None, problems), None)
+
+
+def _unsized_tensors(model: onnx.ModelProto):
+    """The tensors of every graph (initializers, node attributes) whose size payload_mismatch does not
+    check: values in a typed field (float_data, int32_data, ...), or raw_data of a type it does not
+    size (float8, int4, ...); not external data or a mapped file."""
+    for graph in all_graphs(model.graph):
+        tensors = [*graph.initializer, *(t for node in graph.node for attr in node.attribute
+                                         for t in ([attr.t] if attr.HasField("t") else []) + list(attr.tensors))]
+        yield from (t for t in tensors if not is_stub(t) and not _raw(t) and t.data_location != onnx.TensorProto.EXTERNAL)
+
+
+def _count_problem(tensor: onnx.TensorProto) -> str | None:
+    """Values that are not one per element of the tensor's shape (onnx's checker counts them only
+    since onnx 1.23; reading the tensor would fail), or None."""
+    try:
+        to_array(tensor)
+    except ValueError as exc:  # numpy: cannot reshape an array of the field's size into the shape
+        return (f"TensorProto (tensor name: {tensor.name}) does not hold one value per element of its shape "
+                f"{list(tensor.dims)} ({first_line(exc)})")
+    return None
 
 
 def _raw(tensor: onnx.TensorProto) -> bool:

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 import bnfold
 from bnfold.io import check_weightless
 from bnfold.report import op_counts
-from tests.builders import assert_same_function, conv_bn, if_model, random_feeds, run_ort
+from tests.builders import assert_same_function, at_least, conv_bn, if_model, random_feeds, run_ort
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 REPVGG_BN = "node__native_batch_norm_legit_no_training_3__0"  # one of repvgg_small's
@@ -268,7 +268,7 @@ def test_weights_whose_values_do_not_match_their_shape_are_refused(change, messa
     """onnx's own checker refuses each but raw_data too long, which bnfold refuses in a file too."""
     model = onnx.load(SAMPLES / "resnet_small.onnx")
     change(next(t for t in model.graph.initializer if t.name == STEM))
-    if "4708" not in message:
+    if "4708" not in message and at_least(onnx, "1.23"):  # onnx's checker checks sizes since 1.23; bnfold always
         with pytest.raises(onnx.checker.ValidationError):
             onnx.checker.check_model(model, full_check=True)
     graph = gs.import_onnx(model)
@@ -277,7 +277,9 @@ def test_weights_whose_values_do_not_match_their_shape_are_refused(change, messa
         bnfold.fold_graph(graph)
     line = caught.value.one_line()
     assert line.startswith("graph 'main_graph': bnfold's check of the weights rejects this model: "
-                           f"TensorProto (tensor name: {STEM})") and message in line, line
+                           f"TensorProto (tensor name: {STEM})"), line
+    counted = "does not hold one value per element"  # bnfold's words where onnx's checker does not count
+    assert message in line or (counted in line and "float_data" in message and not at_least(onnx, "1.23")), line
     assert "\n" not in line and graph_state(graph) == state
 
 

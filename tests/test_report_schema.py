@@ -290,7 +290,8 @@ def _edits(*edits):
     ("fold_report", _set("check.exit_code", 0), "$.check.exit_code", "0 should not be valid"),
     ("models_document", _drop("check.models_unreadable"), "$.check", "'models_unreadable' is a required"),
     ("models_document", _set("check.extra", 0), "$.check", "('extra' was unexpected)"),
-    ("models_document", _set("check.passed", True), "$.check.models_failing", "0 was expected"),
+    ("models_document", _edits(_set("check.passed", True), _set("check.failing", 0), _set("check.exit_code", 0)),
+     "$.check.models_failing", "0 was expected"),
     ("models_document", _edits(_set("check.passed", True), _set("check.failing", 0), _set("check.models_failing", 0),
                                _set("check.foldable", 0)), "$.check.exit_code", "0 was expected"),
     ("models_document", _drop("models.0.check.strict"), "$.models[0].check", "'strict' is a required property"),
@@ -300,7 +301,8 @@ def _edits(*edits):
     ("models_document", _drop("models.0.check"), "$.models[0]", "'check' is a required property"),
     ("models_document", _edits(_set("models.0.status", "error"), _set("models.0.exit_code", 2),
                                _set("models.0.error", "x")), "$.models[0].check", "should not be valid under {}"),
-    ("models_document", _drop("check"), "$.models[1].check", "should not be valid under {}"),
+    ("models_document", _edits(_drop("check"), _drop("models.0.check")), "$.models[1].check",
+     "should not be valid under {}"),
 ])
 def test_a_wrong_check_verdict_is_refused_naming_the_field(check_documents, kind, edit, where, message):
     """The check object is as strict as the rest: every key, no other, and passed agreeing with the counts
