@@ -151,7 +151,7 @@ def failing_table(check: ModelCheck):
                       + [(d, f"leave: {d.reason}") for d in (check.unfoldable if check.strict else ())]):
         table.add_row(f"{d.graph}/{d.node}" if d.graph else d.node,
                       f"{d.neighbour_op} {d.neighbour}" if d.neighbour_op else "-", action, d.rule or "-",
-                      d.detail or MEANINGS.get(d.reason, ""))
+                      d.detail or MEANINGS[d.reason])
     return table
 
 
